@@ -1,0 +1,305 @@
+"""Read a llama.cpp GGUF file as a Hugging Face style model: config dict, state dict, tokenizer.
+
+Quantized tensors are dequantized to float32 with the ``gguf`` package; llama.cpp's Q/K row
+permutation (``convert_hf_to_gguf.py``'s ``permute``, applied to llama-architecture models so its
+rotary kernel can pair adjacent rows) is undone; tensor names are mapped back to transformers'
+names ("model.layers.0.self_attn.q_proj.weight"). The result loads like any HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from engine_jax.tokenizer import Tokenizer, TokenizerError
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class GGUFModel:
+    config: dict[str, Any]  # a Hugging Face config.json dict
+    state_dict: dict[str, np.ndarray]  # Hugging Face tensor names -> float32 arrays
+    tokenizer: Tokenizer
+
+
+# general.architecture -> (HF model_type, HF class name)
+_ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+# Only llama.cpp's llama converter permutes Q/K; Qwen models are written in HF order.
+_PERMUTED_ARCHITECTURES = {"llama"}
+
+_TYPE_NAMES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+
+
+def _supported_types() -> dict[int, str]:
+    from gguf import GGMLQuantizationType
+
+    return {int(GGMLQuantizationType[n]): n for n in _TYPE_NAMES}
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` over ``path``, after checking that it is a complete GGUF file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on damage
+        raise GGUFError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        # np.memmap silently returns short slices past the end of a truncated file
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise GGUFError(f"{path}: truncated GGUF file (tensor {t.name!r} extends past the end of the file)")
+    return reader
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a file starting with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader: Any, path: str | Path = "<gguf>") -> dict[str, Any]:
+    """The Hugging Face config.json dict that the GGUF metadata describes."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: unsupported architecture {arch!r} (supported: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    model_type, class_name = _ARCHITECTURES[arch]
+
+    def key(name: str, default: Any = None, required: bool = False) -> Any:
+        value = _field(reader, f"{arch}.{name}", default)
+        if value is None and required:
+            raise GGUFError(f"{path}: metadata key {arch}.{name} is missing")
+        return value
+
+    hidden = int(key("embedding_length", required=True))
+    heads = int(key("attention.head_count", required=True))
+    kv_heads = key("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer lists are used by hybrid models only
+        raise GGUFError(f"{path}: per-layer key/value head counts are not supported")
+    head_dim = int(key("attention.key_length", hidden // heads))
+    rope_dims = key("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise GGUFError(f"{path}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise GGUFError(f"{path}: the vocabulary size is not stated ({arch}.vocab_size or tokenizer.ggml.tokens)")
+    theta = float(key("rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [class_name],
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length", required=True)),
+        "num_hidden_layers": int(key("block_count", required=True)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "max_position_embeddings": int(key("context_length", 2048)),
+        "vocab_size": int(vocab),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": any(n.endswith("attn_q.bias") for n in names),
+        "mlp_bias": False,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+    scaling = _rope_scaling(reader, arch, config, path)
+    config["rope_scaling"] = scaling
+    # transformers >= 5 reads rope settings from one dict; older versions from the two keys above
+    config["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+    return config
+
+
+def _rope_scaling(reader: Any, arch: str, config: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        return _llama3_scaling(np.asarray(rope_freqs.data, dtype=np.float64), config, path)
+    if kind in (None, "none"):
+        return None
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise GGUFError(f"{path}: rope scaling {kind!r} is not supported")
+
+
+def _llama3_scaling(factors: np.ndarray, config: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Recover Llama 3's rope_scaling from the per-frequency divisors llama.cpp stores.
+
+    The file keeps only the divisors; every released Llama 3.x uses low/high frequency factors
+    1 and 4 and an original context of 8192, so we take those, read the scale factor off the
+    lowest frequencies, and accept the result only if it reproduces the stored divisors.
+    """
+    head_dim = config["head_dim"]
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    candidate = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if factors.shape != inv_freq.shape or not np.allclose(
+        _llama3_divisors(inv_freq, candidate), factors, rtol=1e-5, atol=1e-6
+    ):
+        raise GGUFError(f"{path}: rope_freqs does not match Llama 3 rope scaling; this scaling is not supported")
+    return candidate
+
+
+def _llama3_divisors(inv_freq: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+    """llama.cpp's rope_freqs for a Llama 3 rope_scaling (see convert_hf_to_gguf.py)."""
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    out = []
+    for freq in inv_freq:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"]
+            )
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.asarray(out)
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The transformers name of a GGUF tensor; None for tensors folded into the config."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise KeyError(gguf_name)
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's ``permute``.
+
+    llama.cpp reorders each head's rows from HF's [first half, second half] rotary layout to
+    interleaved pairs; reading them back as (pair index, 2) and swapping restores HF's order.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows do not split into {n_heads} heads of even size")
+    w = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
+
+
+def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<gguf>") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, float32 array)`` for every weight, one at a time (bounded memory)."""
+    from gguf.quants import dequantize
+
+    supported = _supported_types()
+    permute = config["model_type"] in _PERMUTED_ARCHITECTURES
+    for t in reader.tensors:
+        try:
+            name = hf_tensor_name(t.name)
+        except KeyError:
+            raise GGUFError(f"{path}: unsupported tensor {t.name!r} for {config['model_type']} models") from None
+        if name is None:
+            continue
+        qtype = int(t.tensor_type)
+        if qtype not in supported:
+            raise GGUFError(
+                f"{path}: tensor {t.name!r} uses unsupported quantization {t.tensor_type.name} "
+                f"(supported: {', '.join(_TYPE_NAMES)})"
+            )
+        array = dequantize(t.data, t.tensor_type)
+        # llama.cpp lists dims fastest-first; numpy order is the reverse
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        array = np.array(array, dtype=np.float32).reshape(shape)  # copy: detach from the file's memmap
+        if permute and ".self_attn.q_proj." in name:
+            array = unpermute_qk(array, config["num_attention_heads"])
+        elif permute and ".self_attn.k_proj." in name:
+            array = unpermute_qk(array, config["num_key_value_heads"])
+        yield name, array
+
+
+def read_gguf_header(path: str | Path) -> tuple[Any, dict[str, Any], Tokenizer]:
+    """``(reader, HF config dict, tokenizer)`` of a GGUF file, without dequantizing any tensor."""
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(reader)
+    except TokenizerError as exc:
+        raise GGUFError(f"{path}: {exc}") from exc
+    # several eos ids (eot/eom) are written the way Llama 3's config.json lists them
+    eos = tokenizer.eos_token_ids
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return reader, config, tokenizer
+
+
+def load_gguf(path: str | Path, progress: bool = False) -> GGUFModel:
+    """Load a GGUF file: HF config dict, float32 HF-named state dict and the tokenizer."""
+    reader, config, tokenizer = read_gguf_header(path)
+    tensors = iter_gguf_tensors(reader, config, path)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(reader.tensors), desc=f"dequantizing {Path(path).name}", unit="tensor")
+    return GGUFModel(config=config, state_dict=dict(tensors), tokenizer=tokenizer)
