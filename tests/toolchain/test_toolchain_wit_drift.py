@@ -1,0 +1,74 @@
+"""Drift: every function of wit/ has an SDK binding (and vice versa)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from inferlet_toolchain.wit_spec import find_wit_dir, linker_names, parse_functions, wit_functions
+
+SDK = Path(__file__).resolve().parents[2] / "inferlet_toolchain" / "inferlet"
+
+
+def sdk_binding_table() -> set[tuple]:
+    """The keys of inferlet.raw.BINDINGS, read without importing (it needs wit_world)."""
+    tree = ast.parse((SDK / "raw.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "BINDINGS":
+            return {ast.literal_eval(key) for key in node.value.keys}
+    raise AssertionError("raw.py has no BINDINGS table")
+
+
+def test_every_imported_wit_function_has_an_sdk_binding() -> None:
+    wit = {f for f in wit_functions() if f[0] != "run"}
+    assert len(wit) > 30
+    sdk = sdk_binding_table()
+    assert wit - sdk == set(), "WIT functions without an SDK binding"
+    assert sdk - wit == set(), "SDK bindings for functions the WIT does not have"
+
+
+def test_generated_bindings_have_every_function(tmp_path: Path) -> None:
+    """componentize-py's generated Python has each function where raw.py expects it."""
+    subprocess.run([sys.executable, "-c", "import sys, componentize_py; sys.exit(componentize_py.script())",
+                    "-d", str(find_wit_dir()), "-w", "inferlet", "bindings", str(tmp_path)],
+                   check=True, capture_output=True)
+    for interface, resource, function in wit_functions():
+        folder = "exports" if interface == "run" else "imports"
+        module = ast.parse((tmp_path / "wit_world" / folder / f"{interface.replace('-', '_')}.py").read_text())
+        if interface == "run":
+            module = ast.parse((tmp_path / "wit_world" / "exports" / "__init__.py").read_text())
+            resource = "run"
+        scope = module.body
+        if resource is not None:
+            cls = "".join(part.capitalize() for part in resource.split("-"))
+            classes = [n for n in module.body if isinstance(n, ast.ClassDef) and n.name == cls]
+            assert classes, f"no class {cls} for {interface}/{resource}"
+            scope = classes[0].body
+        names = {n.name for n in scope if isinstance(n, ast.FunctionDef)}
+        assert function.replace("-", "_") in names, (interface, resource, function)
+
+
+def test_parser_handles_resources_static_and_comments() -> None:
+    text = """
+    package a:b;
+    interface i {
+        // f: func();  (a comment, not a function)
+        resource r {
+            constructor(x: u32);
+            m: func() -> u32;
+            s: static func() -> r;
+        }
+        g: func(a: list<u32>) -> result<_, string>;
+    }
+    world w { import i; export h: func(); }
+    """
+    assert parse_functions(text) == [("i", "r", "constructor"), ("i", "r", "m"), ("i", "r", "s"), ("i", None, "g")]
+
+
+def test_linker_names() -> None:
+    names = linker_names()
+    assert names[("inference", "queue", "forward")] == "[method]queue.forward"
+    assert names[("model", "model", "open")] == "[static]model.open"
+    assert names[("runtime", None, "poll")] == "poll"
