@@ -1,0 +1,331 @@
+"""`pie-run`: run an inferlet on a model, locally, with the terminal as its client.
+
+    pie-run PROGRAM [options] [-- INFERLET-ARGS...]
+
+PROGRAM is a built component (.wasm) or an inferlet source (.py, built on the
+fly with pie-build). What the inferlet sends goes to stdout, one message per
+line; lines typed on stdin are what it receives; its return value is printed
+last. Logs, progress and the run summary go to stderr, so stdout stays clean
+for pipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+EXIT_OK = 0
+EXIT_INSTANCE_FAILED = 1
+EXIT_USAGE = 2
+
+BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
+
+EPILOG = """\
+inferlet arguments:
+  Everything after `--` goes to the inferlet and is checked against the
+  arguments it declares. `pie-run PROGRAM -- --help` shows them.
+
+examples:
+  pie-run sample_inferlets/text_completion.py -- --prompt "Once upon a time" --max-tokens 32
+  pie-run app.wasm --model ./my-hf-model --instances 16 --batching adaptive
+  echo hello | pie-run echo.wasm
+
+capabilities:
+  An inferlet gets no files and no network unless it declares the capability
+  and you allow it: --allow net,fs:/data (fs:DIR is mounted at the same path).
+
+exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from engine_jax.registry import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="pie-run",
+        description="Run an inferlet (a Pie WebAssembly program) against a model on this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, built on the fly)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
+    p.add_argument("--page-size", type=_positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
+    p.add_argument("--kv-pages", type=_positive_int, default=None, metavar="N",
+                   help="KV pages in the pool (default: the engine's choice)")
+    p.add_argument("--instances", type=_positive_int, default=1, metavar="N",
+                   help="run N copies concurrently and print a summary (default 1)")
+    p.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
+                   help="batching policy of the serving core (default adaptive)")
+    p.add_argument("--allow", default="", metavar="CAPS",
+                   help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
+    p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="CPU time limit per instance (time blocked on the model does not count)")
+    p.add_argument("--memory-limit", type=_positive_int, default=1024, metavar="MB",
+                   help="linear memory limit per instance in MiB (default 1024)")
+    p.add_argument("--namespace", default="default",
+                   help="user namespace for the key-value store and exports (default 'default')")
+    p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+class _Console:
+    """Serialized writes to stdout/stderr from many instance threads."""
+
+    def __init__(self, out: TextIO, err: TextIO, quiet: bool) -> None:
+        self.out, self.err, self.quiet = out, err, quiet
+        self._lock = threading.Lock()
+
+    def message(self, text: str) -> None:
+        with self._lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            self.error(text)
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.err.write(text + "\n")
+            self.err.flush()
+
+    def guest_output(self, instance_id: str, stream: str, text: str) -> None:
+        self.error(f"[{instance_id} {stream}] {text}")
+
+
+def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"no such program: {path}")
+    if path.suffix == ".py":
+        from inferlet_toolchain.build import build
+
+        console.log(f"pie-run: building {path} ...")
+        started = time.perf_counter()
+        # pie-build caches by content; the output copy goes to a scratch
+        # directory so running a source never writes into the working directory.
+        wasm = Path(build(path, output=scratch / f"{path.stem}.wasm", quiet=console.quiet))
+        console.log(f"pie-run: built {path.name} in {time.perf_counter() - started:.1f}s")
+        return wasm
+    return path
+
+
+def _read_manifest(wasm: Path, console: _Console) -> Any | None:
+    """The inferlet's declared manifest, or None for a component built without one
+    (arguments then pass through unchecked and no capability is granted)."""
+    from inferlet_toolchain.manifest import ManifestError, read_manifest
+
+    try:
+        return read_manifest(wasm)
+    except ManifestError as e:
+        console.log(f"pie-run: {wasm.name}: {e}; arguments are passed through unchecked")
+        return None
+
+
+def _load_model(args: argparse.Namespace, console: _Console) -> tuple[Any, Any]:
+    from engine_jax.engine import Engine
+    from engine_jax.loader import load_model
+
+    console.log(f"pie-run: loading model {args.model} ...")
+    started = time.perf_counter()
+    loaded = load_model(args.model)
+    console.log(f"pie-run: read {loaded.name} ({loaded.config.architecture}, vocab {loaded.config.vocab_size}, "
+                f"{loaded.config.num_layers} layers) in {time.perf_counter() - started:.1f}s; preparing engine ...")
+    engine = Engine(loaded, page_size=args.page_size, num_pages=args.kv_pages)
+    console.log(f"pie-run: engine ready in {time.perf_counter() - started:.1f}s "
+                f"({engine.num_pages} KV pages of {engine.page_size} slots)")
+    return loaded, engine
+
+
+def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """Entry point of `pie-run`; the streams can be replaced (tests)."""
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    own_argv, inferlet_argv = _split_argv(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        # argparse writes --help and usage errors to sys.stdout/stderr itself.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(own_argv)
+    except SystemExit as e:  # argparse exits on --help and on errors
+        return int(e.code or 0)
+    console = _Console(stdout, stderr, args.quiet)
+
+    with tempfile.TemporaryDirectory(prefix="pie-run-") as scratch:
+        return _main(args, inferlet_argv, console, stdin, stdout, Path(scratch))
+
+
+def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console, stdin: TextIO, stdout: TextIO,
+          scratch: Path) -> int:
+    from pie_runtime.wasm_host import Capabilities
+
+    try:
+        allow = Capabilities.parse(args.allow)
+        wasm = _resolve_program(Path(args.program), console, scratch)
+    except (ValueError, FileNotFoundError) as e:
+        console.error(f"pie-run: {e}")
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a failed build is a usage error with its message
+        console.error(f"pie-run: cannot build {args.program}: {e}")
+        return EXIT_USAGE
+
+    manifest = _read_manifest(wasm, console)
+    if manifest is not None:
+        if any(a in ("-h", "--help") for a in inferlet_argv):
+            stdout.write(manifest.format_help().rstrip("\n") + "\n")
+            return EXIT_OK
+        try:
+            inferlet_args = list(manifest.parse_cli(inferlet_argv))
+        except (ValueError, SystemExit) as e:
+            console.error(f"pie-run: {e}")
+            return EXIT_USAGE
+        grant = allow.grant(manifest.capabilities)
+        program_name = manifest.name
+    else:
+        if any(a in ("-h", "--help") for a in inferlet_argv):
+            console.error(f"pie-run: {wasm} declares no arguments (it has no manifest)")
+            return EXIT_OK
+        inferlet_args = inferlet_argv
+        grant = Capabilities()
+        program_name = wasm.stem
+    return _run(args, wasm, inferlet_args, grant, program_name, console, stdin)
+
+
+def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: Any,
+         program_name: str, console: _Console, stdin: TextIO) -> int:
+    from pie_runtime.component_cache import default_cache
+    from pie_runtime.instance import Instance, InstanceLimits
+    from pie_runtime.messaging import ClientChannel
+    from pie_runtime.serving import ServingCore
+    from pie_runtime.wasm_host import Host, ServedModel
+
+    cache = default_cache()
+    component = cache.load(wasm)
+    console.log(f"pie-run: component {wasm.name} {cache.stats.last_source} in {cache.stats.last_seconds * 1000:.0f} ms")
+    try:
+        loaded, engine = _load_model(args, console)
+    except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop
+        console.error(f"pie-run: cannot load model {args.model}: {e}")
+        return EXIT_USAGE
+
+    core = ServingCore(engine, policy=args.batching).start()
+    host = Host([ServedModel(loaded.name, engine, core)], guest_output=console.guest_output)
+    limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
+    many = args.instances > 1
+
+    instances: list[Instance] = []
+    for k in range(args.instances):
+        prefix = f"[{k}] " if many else ""
+        client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
+        instances.append(Instance(host, component, arguments=inferlet_args, client=client,
+                                  namespace=args.namespace, limits=limits, grant=grant,
+                                  program_name=program_name))
+
+    reader = threading.Thread(target=_pump_stdin, args=(stdin, instances), name="pie-stdin", daemon=True)
+    previous_handler = _install_sigint(instances)
+    started = time.perf_counter()
+    try:
+        for inst in instances:
+            inst.start()
+        reader.start()
+        outcomes = [inst.wait() for inst in instances]
+    finally:
+        wall = time.perf_counter() - started
+        stats = core.stats
+        core.stop()
+        _restore_sigint(previous_handler)
+
+    failed = 0
+    for k, outcome in enumerate(outcomes):
+        prefix = f"[{k}] " if many else ""
+        if outcome.ok:
+            console.message(prefix + (outcome.value or ""))
+        else:
+            failed += 1
+            console.error(f"pie-run: {prefix}{outcome.status}: {outcome.error}")
+    _summary(console, outcomes, stats, wall, many)
+    return EXIT_OK if failed == 0 else EXIT_INSTANCE_FAILED
+
+
+def _pump_stdin(stdin: TextIO, instances: Sequence[Any]) -> None:
+    """Each stdin line goes to every instance; end of input closes their receive side."""
+    try:
+        for line in stdin:
+            for inst in instances:
+                inst.client.deliver(line.rstrip("\n"))
+    except (OSError, ValueError):  # closed or unreadable stdin: same as end of input
+        pass
+    finally:
+        for inst in instances:
+            inst.client.close_input()
+
+
+def _install_sigint(instances: Sequence[Any]) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        for inst in instances:
+            inst.terminate("interrupted (Ctrl-C)")
+
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+def _restore_sigint(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _summary(console: _Console, outcomes: Sequence[Any], stats: Any, wall: float, many: bool) -> None:
+    ok = sum(1 for o in outcomes if o.ok)
+    generated = getattr(stats, "tokens_generated", 0)
+    lines = [
+        f"pie-run: {ok}/{len(outcomes)} instances ok in {wall:.2f}s wall",
+        f"pie-run: {generated} tokens generated ({generated / wall if wall > 0 else 0.0:.1f} tok/s), "
+        f"{getattr(stats, 'tokens_processed', 0)} processed in {getattr(stats, 'steps', 0)} engine steps",
+    ]
+    batches = getattr(stats, "batch_requests", None)
+    if batches:
+        seen = ", ".join(f"{size}x{count}" for size, count in sorted(batches.items()))
+        lines.append(f"pie-run: batch sizes (requests x steps): {seen}; "
+                     f"mean {stats.mean_batch_requests:.1f}, max {stats.max_batch_requests}")
+    if many:
+        cpu = [o.cpu_seconds for o in outcomes]
+        lines.append(f"pie-run: instance CPU time: mean {sum(cpu) / len(cpu):.3f}s, max {max(cpu):.3f}s")
+    for line in lines:
+        console.log(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""One running inferlet: a wasmtime Store on its own OS thread, with limits and a clean end.
+
+Why a thread per instance: wasmtime-py releases the GIL while wasm runs and
+host functions block on futures (a forward pass, a message), so a plain
+thread per instance gives concurrency without async machinery in the guest.
+
+Limits:
+- Memory: the store's limiter caps linear memory; the guest's allocator sees
+  `memory.grow` fail (CPython raises MemoryError inside the guest).
+- CPU time: the shared engine runs with epoch interruption and a ticker
+  thread bumps the epoch every `TICK_SECONDS`. When a store's deadline
+  passes, wasmtime calls our callback *on the instance thread*, which reads
+  `time.thread_time()`: CPU time of that thread only, so time spent blocked
+  in a host wait (forward pass, receive) does not count. The callback also
+  stops an instance that was asked to terminate.
+
+Whatever ends an instance (return, error, trap, limit, terminate), its
+serving-core state, subscriptions and futures are released in `finally`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import itertools
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import wasmtime
+from wasmtime import WasmtimeError
+from wasmtime import _bindings, _ffi as ffi
+from wasmtime.component import Component
+
+from pie_runtime.messaging import ClientChannel
+from pie_runtime.wasm_host import Capabilities, Host, InstanceContext, bind_context, make_wasi
+
+TICK_SECONDS = 0.01
+# Most epoch ticks between two checks: bounds how late a terminate takes effect.
+MAX_TICKS_BETWEEN_CHECKS = 10
+DEFAULT_MEMORY_BYTES = 1 << 30
+
+RUN_INTERFACE = "pie:inferlet/run@0.1.0"
+
+# wasmtime-py binds the C function but does not wrap it; its ctypes signature
+# gives the callback types.
+_DEADLINE_CALLBACK = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
+_DEADLINE_FINALIZER = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
+_UPDATE_DEADLINE_CONTINUE = 0
+
+
+class EpochTicker:
+    """Increments an engine's epoch every tick while at least one instance runs."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.engine = engine
+        self._users = 0
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        with self._cv:
+            self._users += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pie-epoch", daemon=True)
+                self._thread.start()
+
+    def release(self) -> None:
+        with self._cv:
+            self._users -= 1
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        with self._cv:
+            while True:
+                if self._users <= 0:
+                    self._thread = None
+                    return
+                self._cv.wait(TICK_SECONDS)
+                self.engine.increment_epoch()
+
+
+_tickers: dict[int, EpochTicker] = {}
+_tickers_lock = threading.Lock()
+
+
+def _ticker_for(engine: wasmtime.Engine) -> EpochTicker:
+    with _tickers_lock:
+        ticker = _tickers.get(id(engine))
+        if ticker is None or ticker.engine is not engine:
+            ticker = _tickers[id(engine)] = EpochTicker(engine)
+        return ticker
+
+
+@dataclass
+class InstanceLimits:
+    cpu_seconds: float | None = None  # None = unlimited
+    memory_bytes: int | None = DEFAULT_MEMORY_BYTES  # linear memory of the guest; None = unlimited
+
+
+@dataclass
+class InstanceOutcome:
+    """How an instance ended.
+
+    status: "ok" (run returned ok), "error" (run returned err), "trap" (the
+    guest crashed or a host call trapped), "cpu-limit", "terminated",
+    "start-failed" (instantiation failed, e.g. memory limit below the
+    guest's initial memory).
+    """
+
+    instance_id: str
+    status: str
+    value: str | None = None
+    error: str | None = None
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    host_calls: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"instance {self.instance_id}: ok"
+        return f"instance {self.instance_id}: {self.status}: {self.error}"
+
+
+_counter = itertools.count(1)
+
+
+def new_instance_id() -> str:
+    return f"{next(_counter)}-{uuid.uuid4().hex[:12]}"
+
+
+class Instance:
+    """A launched inferlet. `start()` runs it on its own thread; `wait()` returns its outcome."""
+
+    def __init__(
+        self,
+        host: Host,
+        component: Component,
+        *,
+        arguments: Sequence[str] = (),
+        instance_id: str | None = None,
+        client: ClientChannel | None = None,
+        namespace: str = "default",
+        limits: InstanceLimits | None = None,
+        grant: Capabilities = Capabilities(),
+        page_quota: int | None = None,
+        program_name: str = "inferlet",
+    ) -> None:
+        self.host = host
+        self.component = component
+        self.instance_id = instance_id or new_instance_id()
+        self.client = client if client is not None else ClientChannel()
+        self.limits = limits or InstanceLimits()
+        self.grant = grant
+        self.program_name = program_name
+        self.context = InstanceContext(host, self.instance_id, arguments, self.client, namespace, page_quota)
+        self.outcome: cf.Future[InstanceOutcome] = cf.Future()
+        self.launched_at: float | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_status: str | None = None  # set by the deadline callback when it stops wasm
+        self._cpu_start = 0.0
+        self._keepalive: tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "Instance":
+        if self._thread is not None:
+            raise RuntimeError("instance already started")
+        self.launched_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._main, name=f"pie-inst-{self.instance_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def terminate(self, reason: str = "terminated by the client") -> None:
+        """Stops the instance: a host wait returns at once, running wasm within a few ticks."""
+        self.context.stop(reason)
+
+    def wait(self, timeout: float | None = None) -> InstanceOutcome:
+        return self.outcome.result(timeout)
+
+    @property
+    def first_host_call_at(self) -> float | None:
+        return self.context.first_call_at
+
+    # ------------------------------------------------------------------ thread body
+    def _main(self) -> None:
+        ctx = self.context
+        ticker = _ticker_for(self.host.wasm_engine)
+        ticker.acquire()
+        bind_context(ctx)
+        self._cpu_start = time.thread_time()
+        wall_start = time.perf_counter()
+        sinks: list[Any] = []
+        store: wasmtime.Store | None = None
+        outcome: InstanceOutcome
+        started = False
+        try:
+            store = wasmtime.Store(self.host.wasm_engine)
+            if self.limits.memory_bytes is not None:
+                store.set_limits(memory_size=int(self.limits.memory_bytes))
+            wasi, sinks = make_wasi(ctx, self.grant, self.program_name)
+            store.set_wasi(wasi)
+            self._install_deadline(store)
+            instance = self.host.linker.instantiate(store, self.component)
+            started = True
+            run = _run_function(instance, store)
+            result = run(store)
+            outcome = self._outcome_of_result(result)
+        except WasmtimeError as e:
+            status = self._stop_status or ("trap" if started else "start-failed")
+            if ctx.stopped.done() and self._stop_status is None:
+                status = "terminated"
+            for sink in sinks:  # the guest's traceback, if it printed one, is in there
+                sink.flush()
+            error = _trap_message(e, self._stop_reason(), ctx.host_trap, list(ctx.stderr_tail))
+            outcome = InstanceOutcome(self.instance_id, status, error=error)
+        except Exception as e:  # noqa: BLE001 - report, never kill the server
+            outcome = InstanceOutcome(self.instance_id, "trap" if started else "start-failed",
+                                      error=f"{type(e).__name__}: {e}")
+        finally:
+            for sink in sinks:
+                sink.flush()
+            ctx.close()
+            bind_context(None)
+            if store is not None:
+                store.close()
+            ticker.release()
+        outcome.cpu_seconds = time.thread_time() - self._cpu_start
+        outcome.wall_seconds = time.perf_counter() - wall_start
+        outcome.host_calls = ctx.host_calls
+        self.outcome.set_result(outcome)
+
+    def _outcome_of_result(self, result: Any) -> InstanceOutcome:
+        # result<string, string>: both cases are strings, so wasmtime-py tags it.
+        tag, payload = getattr(result, "tag", None), getattr(result, "payload", None)
+        if tag == "ok":
+            return InstanceOutcome(self.instance_id, "ok", value=str(payload))
+        if tag == "err":
+            return InstanceOutcome(self.instance_id, "error", error=str(payload))
+        return InstanceOutcome(self.instance_id, "trap", error=f"run returned an unexpected value {result!r}")
+
+    def _stop_reason(self) -> str | None:
+        return self.context.stopped.result() if self.context.stopped.done() else None
+
+    # ------------------------------------------------------------------ CPU limit / terminate
+    def _install_deadline(self, store: wasmtime.Store) -> None:
+        callback = _DEADLINE_CALLBACK(self._on_deadline)
+        finalizer = _DEADLINE_FINALIZER(lambda _data: None)
+        # ctypes callbacks must outlive the store that may call them.
+        self._keepalive = (callback, finalizer)
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, finalizer)
+        store.set_epoch_deadline(self._ticks_until_check())
+
+    def _ticks_until_check(self) -> int:
+        limit = self.limits.cpu_seconds
+        if limit is None:
+            return MAX_TICKS_BETWEEN_CHECKS
+        remaining = limit - (time.thread_time() - self._cpu_start)
+        return max(1, min(MAX_TICKS_BETWEEN_CHECKS, int(remaining / TICK_SECONDS)))
+
+    def _on_deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
+        # Runs on the instance thread, inside wasm: must not raise.
+        try:
+            message = None
+            if self.context.stopped.done():
+                self._stop_status = "terminated"
+                message = f"instance stopped: {self.context.stopped.result()}"
+            elif self.limits.cpu_seconds is not None:
+                used = time.thread_time() - self._cpu_start
+                if used > self.limits.cpu_seconds:
+                    self._stop_status = "cpu-limit"
+                    message = f"CPU time limit exceeded: used {used:.2f}s of {self.limits.cpu_seconds:g}s"
+            if message is None:
+                delta[0] = self._ticks_until_check()
+                kind[0] = _UPDATE_DEADLINE_CONTINUE
+                return 0
+        except Exception as e:  # noqa: BLE001
+            message = f"deadline check failed: {e}"
+        err = ffi.wasmtime_error_new(message.encode("utf-8"))
+        return ctypes.cast(err, ctypes.c_void_p).value or 0
+
+
+def _run_function(instance: Any, store: wasmtime.Store) -> Any:
+    iface = instance.get_export_index(store, RUN_INTERFACE)
+    index = instance.get_export_index(store, "run", iface) if iface is not None else None
+    func = instance.get_func(store, index) if index is not None else None
+    if func is None:
+        raise WasmtimeError(f"the component does not export {RUN_INTERFACE}#run")
+    return func
+
+
+def _trap_message(error: WasmtimeError, stop_reason: str | None, host_trap: str | None,
+                  stderr_tail: Sequence[str]) -> str:
+    """The useful part of a trap: its cause without the wasm backtrace, and what the guest said."""
+    text = str(error).strip()
+    if "Caused by:" in text:
+        cause = text.split("Caused by:", 1)[1].strip()
+        lines = [ln.strip() for ln in cause.splitlines() if ln.strip()]
+        # "0: msg / 1: deeper msg" chains: keep them on one line.
+        text = "; ".join(ln.split(":", 1)[1].strip() if ln[:1].isdigit() and ":" in ln else ln for ln in lines)
+    else:
+        text = text.splitlines()[0] if text else "trap"
+    if "deferred host scope has no call context" in text:
+        # wasmtime 50 fails this way when a host function takes list<borrow<T>>.
+        text = ("wasmtime cannot pass a list of borrowed handles (list<borrow<pollable>>) to the host; "
+                "the contract's runtime.poll must take list<pollable>")
+    if host_trap and host_trap not in text:
+        text = f"{host_trap} ({text})"
+    guest_error = _guest_exception(stderr_tail)
+    if guest_error and guest_error not in text:
+        text = f"guest raised {guest_error} ({text})"
+    if stop_reason and stop_reason not in text:
+        text = f"{text} ({stop_reason})"
+    return text
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+_OBJECT_TYPE_LINE = re.compile(r"^object type name: (\w+)")
+
+
+def _guest_exception(stderr_tail: Sequence[str]) -> str | None:
+    """The last exception a Python guest reported on stderr before trapping."""
+    for line in reversed(stderr_tail):
+        line = line.strip()
+        match = _EXCEPTION_LINE.match(line) or _OBJECT_TYPE_LINE.match(line)
+        if match:
+            return match.group(1)
+    return None

@@ -1,0 +1,414 @@
+"""The engine thread: per-queue FIFOs -> batches -> engine steps.
+
+One thread owns the engine. Each turn of its loop, with the core lock held:
+run every queue's non-forward head commands (free, copy, mask, export,
+synchronize) in queue order, return released pages to the pool, then ask the
+batching policy (`policies`) whether to fire a step over the ready forwards
+(at most one per queue). Forwards chosen for a step get copy-on-write for the
+pages they write, are translated to physical pages and validated one by one
+(a bad one fails alone); then the lock is released for the step itself, so
+instance threads keep enqueueing while the engine runs, and the futures are
+resolved, also with the lock released.
+
+Released pages go back to the pool only while no step is in flight (see
+`resources.PageManager`), so a page is never reused while a step writes into it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_jax.batch import EngineInputError, ForwardRequest, OutputResult, Sample
+
+from .commands import (
+    CommandQueue,
+    CopySlotsCmd,
+    ForwardCmd,
+    FreeCmd,
+    MaskSlotsCmd,
+    PublishExportCmd,
+    SyncCmd,
+    command_futures,
+    settle,
+)
+from .errors import PieError
+from .policies import BatchPolicy, Pacing, Ready
+from .resources import PageManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingStats:
+    """What the engine thread has done (a snapshot when read through `ServingCore.stats`)."""
+
+    steps: int = 0
+    batch_requests: Counter = field(default_factory=Counter)  # requests per step -> steps
+    batch_tokens: Counter = field(default_factory=Counter)  # new tokens per step -> steps
+    tokens_processed: int = 0  # input tokens run through the model
+    tokens_generated: int = 0  # tokens drawn by Sample outputs
+    forwards_completed: int = 0
+    forwards_failed: int = 0
+    pages_copied_on_write: int = 0
+    engine_seconds: float = 0.0  # wall time spent inside engine steps
+
+    @property
+    def max_batch_requests(self) -> int:
+        return max(self.batch_requests, default=0)
+
+    @property
+    def mean_batch_requests(self) -> float:
+        return sum(k * v for k, v in self.batch_requests.items()) / max(1, self.steps)
+
+    def copy(self) -> "ServingStats":
+        return ServingStats(
+            self.steps,
+            Counter(self.batch_requests),
+            Counter(self.batch_tokens),
+            self.tokens_processed,
+            self.tokens_generated,
+            self.forwards_completed,
+            self.forwards_failed,
+            self.pages_copied_on_write,
+            self.engine_seconds,
+        )
+
+
+@dataclass
+class _Prepared:
+    cmd: ForwardCmd
+    queue_id: int
+    instance_id: str
+    request: ForwardRequest
+
+
+class Scheduler:
+    """Owns the engine thread. Every method except the loop is called with `cv` held."""
+
+    def __init__(self, engine: Any, pages: PageManager, policy: BatchPolicy, cv: threading.Condition) -> None:
+        self.engine = engine
+        self.pages = pages
+        self.policy = policy
+        self.cv = cv
+        self.queues: dict[int, CommandQueue] = {}
+        self.open_instances = 0
+        self.stats = ServingStats()
+        self._inflight: list[_Prepared] = []
+        # Futures decided under the lock, settled once it is released.
+        self._deferred: list[tuple[Future, Any, PieError | None]] = []
+        # Pacing for the adaptive policy: the last step's queues that have not
+        # issued their next forward yet, when that step ended and how long it took.
+        self._awaited: set[int] = set()
+        self._last_step_end = 0.0
+        self._last_step_latency: float | None = None
+        self._stepping = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle (called without the lock) -------------------------------
+    def start(self) -> None:
+        with self.cv:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="pie-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            thread = self._thread
+            self._stopping = True
+            self.cv.notify_all()
+        if thread is not None:
+            thread.join()
+        with self.cv:
+            self._thread = None
+
+    @property
+    def stepping(self) -> bool:
+        """An engine step is in flight (the lock is released meanwhile)."""
+        return self._stepping
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopping
+
+    # ---- called by the serving core with the lock held ----------------------
+    def add_queue(self, queue: CommandQueue) -> None:
+        self.queues[queue.id] = queue
+
+    def cancel_instance(self, instance_id: str) -> list[Future]:
+        """Drops the instance's queues; returns the futures of its pending and
+        in-flight commands for the caller to fail once it has released the lock."""
+        futures: list[Future] = []
+        for qid, queue in list(self.queues.items()):
+            if queue.instance_id != instance_id:
+                continue
+            futures.extend(command_futures(queue.commands))
+            queue.commands.clear()
+            queue.closed = True
+            del self.queues[qid]
+        futures.extend(p.cmd.future for p in self._inflight if p.instance_id == instance_id)
+        self.cv.notify_all()
+        return futures
+
+    def alloc_pages(self, count: int) -> list[int]:
+        """Takes `count` pages from the engine's pool, all or nothing.
+
+        The engine reads the pool during a step (it clears the valid bits of
+        freshly allocated pages), so an instance thread waits for the step in
+        flight to end; released pages are flushed first when that helps."""
+        if threading.current_thread() is not self._thread:
+            self.cv.wait_for(lambda: not self._stepping)
+        pool = self.engine.pool
+        if pool.num_free < count:
+            self.flush_released()
+        if pool.num_free < count:
+            raise PieError.out_of_memory(
+                f"KV pool has {pool.num_free} free pages of {pool.num_pages}; {count} requested"
+            )
+        try:
+            return list(pool.alloc(count))
+        except EngineInputError as exc:  # OutOfPages
+            raise PieError.out_of_memory(str(exc)) from exc
+
+    def flush_released(self) -> None:
+        """Returns pages no one holds to the pool (whose `alloc` makes the
+        engine clear their valid bits before their next use)."""
+        released = self.pages.take_released()
+        if not released:
+            return
+        self.engine.pool.free(released)
+        self.cv.notify_all()
+
+    def idle(self) -> bool:
+        """No queued work, nothing in flight and nothing waiting to go back to the pool."""
+        return (
+            not self._stepping
+            and not self.pages.has_released()
+            and all(q.drained() for q in self.queues.values())
+        )
+
+    # ---- the loop ---------------------------------------------------------
+    def _loop(self) -> None:
+        with self.cv:
+            while not self._stopping:
+                try:
+                    self._turn()
+                except Exception:  # a bug in the runtime must not stop serving the others
+                    log.exception("scheduler turn failed")
+                    self.cv.wait(0.01)
+            self.flush_released()
+
+    def _turn(self) -> None:
+        self._run_plain_commands()
+        self.flush_released()  # frees just run, and pages released by closes
+        self._resolve_deferred()
+        ready = self._ready()
+        self._awaited = {
+            qid for qid in self._awaited if qid in self.queues and not self.queues[qid].closed
+        } - {r.queue_id for r in ready}
+        pacing = Pacing(self.open_instances, len(self._awaited), self._last_step_end, self._last_step_latency)
+        wait = self.policy.wait_time(ready, time.monotonic(), pacing)
+        if wait is None or wait > 0:
+            self.cv.notify_all()  # e.g. `wait_idle` callers: the queues may have just drained
+            self.cv.wait(wait)  # woken by any enqueue, close or stop
+            return
+        chosen = self.policy.select(ready)
+        prepared = [p for p in (self._prepare(r.queue_id) for r in chosen) if p is not None]
+        if prepared:
+            self._step(prepared)
+        else:
+            self._resolve_deferred()
+
+    def _resolve_deferred(self) -> None:
+        """Settles the futures decided under the lock, with the lock released
+        (see `_step`)."""
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, []
+        self.cv.release()
+        try:
+            for future, result, error in deferred:
+                settle(future, result, error)
+        finally:
+            self.cv.acquire()
+
+    def _ready(self) -> list[Ready]:
+        ready = []
+        for queue in self.queues.values():
+            head = queue.head()
+            if isinstance(head, ForwardCmd):
+                ready.append(Ready(queue.id, queue.instance_id, queue.priority, len(head.tokens), queue.head_since))
+        return ready
+
+    def _run_plain_commands(self) -> None:
+        """Runs every non-forward command that is at the head of its queue."""
+        for qid, queue in list(self.queues.items()):
+            while True:
+                head = queue.head()
+                if head is None or isinstance(head, ForwardCmd):
+                    break
+                queue.pop()
+                self._run_plain(queue, head)
+            if queue.closed and queue.drained():
+                del self.queues[qid]
+
+    def _run_plain(self, queue: CommandQueue, cmd: Any) -> None:
+        inst = queue.instance_id
+        try:
+            if isinstance(cmd, SyncCmd):
+                error, queue.deferred_error = queue.deferred_error, None
+                self._deferred.append((cmd.future, None, error))
+            elif isinstance(cmd, FreeCmd):
+                self.pages.release(inst, cmd.pages)
+            elif isinstance(cmd, CopySlotsCmd):
+                dst = self._exclusive(inst, cmd.dst)
+                src = self.pages.physical(inst, cmd.src)
+                if cmd.count:
+                    self.engine.copy_slots(src, cmd.src_offset, dst, cmd.dst_offset, cmd.count)
+            elif isinstance(cmd, MaskSlotsCmd):
+                phys = self._exclusive(inst, cmd.page)
+                if cmd.count:
+                    self.engine.set_valid(phys, cmd.offset, cmd.count, not cmd.masked)
+            elif isinstance(cmd, PublishExportCmd):
+                try:
+                    self.pages.publish_export(cmd.export)
+                finally:
+                    self.cv.notify_all()  # importers wait for it to be published or withdrawn
+            else:
+                raise AssertionError(f"unknown command {cmd!r}")
+        except PieError as exc:
+            queue.deferred_error = PieError(exc.code, f"an earlier {type(cmd).__name__} failed: {exc.message}")
+        except Exception as exc:
+            log.exception("command %r failed", cmd)
+            queue.deferred_error = PieError.internal(f"{type(cmd).__name__} failed: {exc!r}")
+
+    def _exclusive(self, instance_id: str, vid: int) -> int:
+        before = self.pages.physical(instance_id, vid)
+        after = self.pages.ensure_exclusive(instance_id, vid, self.alloc_pages, self.engine.copy_page)
+        if after != before:
+            self.stats.pages_copied_on_write += 1
+        return after
+
+    def _prepare(self, queue_id: int) -> _Prepared | None:
+        """Pops the queue's head forward, makes the pages it writes private and
+        translates it; a forward that cannot run fails here, alone."""
+        queue = self.queues[queue_id]
+        cmd = queue.pop()
+        assert isinstance(cmd, ForwardCmd)
+        if queue.closed and queue.drained():
+            del self.queues[queue_id]
+        inst = queue.instance_id
+        if queue.deferred_error is not None:
+            error, queue.deferred_error = queue.deferred_error, None
+            self._fail(cmd, error)
+            return None
+        try:
+            page_size = self.pages.page_size
+            seq_len = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
+            first_written = seq_len - len(cmd.tokens)
+            written = range(first_written // page_size, (seq_len - 1) // page_size + 1) if cmd.tokens else range(0)
+            for index in written:
+                self._exclusive(inst, cmd.pages[index])
+            physical = [self.pages.physical(inst, vid) for vid in cmd.pages]
+            request = ForwardRequest(
+                tokens=list(cmd.tokens),
+                positions=list(cmd.positions),
+                pages=physical,
+                last_page_len=cmd.last_page_len,
+                mask=cmd.mask,
+                outputs=cmd.outputs,
+            )
+            self.engine.validate(request)
+        except PieError as exc:
+            self._fail(cmd, exc)
+            return None
+        except EngineInputError as exc:
+            self._fail(cmd, PieError.invalid(str(exc)))
+            return None
+        except Exception as exc:  # e.g. the device failed a copy-on-write copy
+            log.exception("preparing a forward failed")
+            self._fail(cmd, PieError.internal(f"preparing the forward failed: {exc!r}"))
+            return None
+        return _Prepared(cmd, queue_id, inst, request)
+
+    def _fail(self, cmd: ForwardCmd, error: PieError) -> None:
+        self.stats.forwards_failed += 1
+        self._deferred.append((cmd.future, None, error))
+
+    def _step(self, batch: list[_Prepared]) -> None:
+        """Runs one engine step with the lock released, then resolves the futures."""
+        self._inflight = batch
+        self._stepping = True
+        deferred, self._deferred = self._deferred, []
+        self.cv.release()
+        for future, result, error in deferred:  # forwards that failed to prepare
+            settle(future, result, error)
+        started = time.monotonic()
+        try:
+            outcome = self._run_engine(batch)
+        finally:
+            ended = time.monotonic()
+            self.cv.acquire()
+            self._stepping = False
+            self._inflight = []
+            self.cv.notify_all()
+        self._awaited = {p.queue_id for p in batch}
+        self._last_step_end = ended
+        self._last_step_latency = ended - started
+        self.stats.engine_seconds += ended - started
+        self.stats.steps += 1
+        self.stats.batch_requests[len(batch)] += 1
+        self.stats.batch_tokens[sum(len(p.request.tokens) for p in batch)] += 1
+        for prepared, (_, error) in zip(batch, outcome):
+            if error is not None:
+                self.stats.forwards_failed += 1
+                continue
+            self.stats.forwards_completed += 1
+            self.stats.tokens_processed += len(prepared.request.tokens)
+            self.stats.tokens_generated += sum(isinstance(o, Sample) for o in prepared.request.outputs)
+        # Resolve with the lock released: a waiting instance thread can enqueue
+        # its next command at once, and a done-callback that calls back into
+        # the core cannot deadlock on it.
+        self.cv.release()
+        try:
+            for prepared, (result, error) in zip(batch, outcome):
+                settle(prepared.cmd.future, result, error)
+        finally:
+            self.cv.acquire()
+
+    def _run_engine(
+        self, batch: list[_Prepared]
+    ) -> list[tuple[list[OutputResult] | None, PieError | None]]:
+        """One batched step; if the engine rejects the batch, each request runs
+        alone so only the bad one fails. Called without the lock."""
+        requests = [p.request for p in batch]
+        try:
+            return [(r, None) for r in self.engine.step(requests)]
+        except EngineInputError as exc:
+            if len(batch) == 1:
+                return [(None, PieError.invalid(str(exc)))]
+        except Exception as exc:
+            log.exception("engine step failed")
+            error = PieError.internal(f"engine step failed: {exc!r}")
+            return [(None, error)] * len(batch)
+        outcome: list[tuple[list[OutputResult] | None, PieError | None]] = []
+        for request in requests:
+            outcome.extend(self._run_engine_single(request))
+        return outcome
+
+    def _run_engine_single(self, request: ForwardRequest) -> list[tuple[Any, PieError | None]]:
+        try:
+            return [(self.engine.step([request])[0], None)]
+        except EngineInputError as exc:
+            return [(None, PieError.invalid(str(exc)))]
+        except Exception as exc:
+            log.exception("engine step failed")
+            return [(None, PieError.internal(f"engine step failed: {exc!r}"))]
+

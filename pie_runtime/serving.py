@@ -1,0 +1,379 @@
+"""The serving core: what the Wasm host binds the WIT `inference` interface to.
+
+`ServingCore` owns the page manager and the engine thread; `InstanceState` is
+one running inferlet; `Queue` is one of its command queues. Queue methods are
+called from the instance's own thread: they validate at once (bad input is a
+`PieError` raised synchronously) and enqueue; commands with a result return a
+`concurrent.futures.Future` that fails with a `PieError`.
+
+All mutable state is guarded by one lock (the condition `ServingCore._cv`).
+Only the engine thread runs device work (steps, copies, masks); instance
+threads touch just the engine's host-side page pool and `validate`, under the
+lock and never while a step is in flight (see `Scheduler.alloc_pages`).
+Futures are settled with the lock released, so their done-callbacks may call
+back into the core (they run on the engine thread: keep them short).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine_jax.batch import Distribution, EngineInputError, ForwardRequest, Logprobs, OutputRequest, Sample
+
+from .commands import (
+    CommandQueue,
+    CopySlotsCmd,
+    ForwardCmd,
+    FreeCmd,
+    MaskSlotsCmd,
+    PublishExportCmd,
+    SyncCmd,
+    settle,
+)
+from .errors import PieError
+from .policies import BatchPolicy
+from .resources import PageManager
+from .scheduler import Scheduler, ServingStats
+
+# How long `import_pages` waits for an export whose command is still queued
+# behind the exporter's earlier commands.
+IMPORT_WAIT_S = 60.0
+
+
+class ServingCore:
+    """Serves many inferlet instances on one engine.
+
+    `policy` is one of `policies.POLICIES` ("adaptive" by default);
+    `token_budget` caps new tokens per step and `max_batch` requests per step
+    (None = no cap); the `fixed_*` arguments tune the fixed-size and
+    fixed-timeout policies, `adaptive_max_wait_ms` the adaptive one.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        policy: str = "adaptive",
+        token_budget: int | None = None,
+        max_batch: int | None = None,
+        fixed_batch_size: int = 8,
+        fixed_timeout_ms: float = 10.0,
+        fixed_max_wait_ms: float = 1000.0,
+        adaptive_max_wait_ms: float = 200.0,
+    ) -> None:
+        self.engine = engine
+        self.page_size: int = engine.page_size
+        self._cv = threading.Condition(threading.Lock())
+        self._pages = PageManager(self.page_size)
+        self._policy = BatchPolicy(
+            name=policy,
+            token_budget=token_budget,
+            max_batch=max_batch,
+            fixed_batch_size=fixed_batch_size,
+            fixed_timeout_s=fixed_timeout_ms / 1000.0,
+            fixed_max_wait_s=fixed_max_wait_ms / 1000.0,
+            adaptive_max_wait_s=adaptive_max_wait_ms / 1000.0,
+        )
+        self._scheduler = Scheduler(engine, self._pages, self._policy, self._cv)
+        self._instances: dict[str, InstanceState] = {}
+
+    # ---- lifecycle --------------------------------------------------------
+    def start(self) -> "ServingCore":
+        self._scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the engine thread and releases everything: commands still
+        queued fail with `closed`, every instance is closed, every export
+        (persistent ones too) withdrawn, and all pages go back to the pool."""
+        self._scheduler.stop()
+        for instance_id in list(self._instances):
+            self.close_instance(instance_id, reason="the server stopped")
+        with self._cv:
+            self._pages.withdraw_all_exports()
+            self._scheduler.flush_released()
+
+    def __enter__(self) -> "ServingCore":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    # ---- instances --------------------------------------------------------
+    def open_instance(self, instance_id: str, namespace: str = "default", page_quota: int | None = None) -> "InstanceState":
+        with self._cv:
+            self._pages.open_instance(instance_id, namespace, page_quota)
+            state = InstanceState(self, instance_id, namespace)
+            self._instances[instance_id] = state
+            self._scheduler.open_instances += 1
+            self._cv.notify_all()  # a fixed-size batch may be waiting on this count
+            return state
+
+    def close_instance(self, instance_id: str, reason: str = "ended") -> None:
+        """Releases everything the instance holds: pending and in-flight
+        commands fail with `closed`, its pages are dereferenced, its
+        non-persistent exports withdrawn. Closing twice is harmless."""
+        with self._cv:
+            state = self._instances.pop(instance_id, None)
+            if state is None:
+                return
+            state.closed = True
+            self._scheduler.open_instances -= 1
+            cancelled = self._scheduler.cancel_instance(instance_id)
+            self._pages.close_instance(instance_id)
+            if not self._scheduler.stepping:  # else the engine thread flushes after its step
+                self._scheduler.flush_released()
+            self._cv.notify_all()
+        error = PieError.closed(f"instance {instance_id!r} {reason}")
+        for future in cancelled:
+            settle(future, error=error)
+
+    def instance(self, instance_id: str) -> "InstanceState":
+        with self._cv:
+            try:
+                return self._instances[instance_id]
+            except KeyError:
+                raise PieError.not_found(f"no open instance {instance_id!r}") from None
+
+    # ---- observation --------------------------------------------------------
+    @property
+    def stats(self) -> ServingStats:
+        with self._cv:
+            return self._scheduler.stats.copy()
+
+    def free_pages(self) -> int:
+        """Pages in the engine's pool that no one holds (including released
+        pages the engine thread has not returned to the pool yet)."""
+        with self._cv:
+            return self.engine.pool.num_free + self._pages.released_count()
+
+    def held_pages(self) -> int:
+        """Physical pages with at least one holder (instance or export)."""
+        with self._cv:
+            return self._pages.held_pages()
+
+    def refcount(self, instance_id: str, page: int) -> int:
+        """How many holders share the physical page behind an instance's page id."""
+        with self._cv:
+            return self._pages.refcount[self._pages.physical(instance_id, page)]
+
+    def check_invariants(self) -> None:
+        with self._cv:
+            self._pages.check_invariants()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Blocks until every queue is drained and released pages are back in
+        the pool (needs the engine thread). True if it got there in time."""
+        with self._cv:
+            return self._cv.wait_for(self._scheduler.idle, timeout)
+
+
+class InstanceState:
+    """One running inferlet's share of the core."""
+
+    def __init__(self, core: ServingCore, instance_id: str, namespace: str) -> None:
+        self.core = core
+        self.instance_id = instance_id
+        self.namespace = namespace
+        self.closed = False
+
+    def create_queue(self, priority: int = 0) -> "Queue":
+        _check_u32("priority", priority)
+        with self.core._cv:
+            self._check_open()
+            cq = CommandQueue(self.instance_id, priority)
+            self.core._scheduler.add_queue(cq)
+            return Queue(self, cq)
+
+    def page_count(self) -> int:
+        with self.core._cv:
+            self._check_open()
+            return self.core._pages.page_count(self.instance_id)
+
+    def close(self) -> None:
+        self.core.close_instance(self.instance_id)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PieError.closed(f"instance {self.instance_id!r} has ended")
+
+
+class Queue:
+    """An inferlet's command queue. Commands take effect in the order they were issued."""
+
+    def __init__(self, instance: InstanceState, cq: CommandQueue) -> None:
+        self._instance = instance
+        self._core = instance.core
+        self._cq = cq
+        self._pages = instance.core._pages
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance.instance_id
+
+    @property
+    def priority(self) -> int:
+        return self._cq.priority
+
+    def _check_open(self) -> None:
+        self._instance._check_open()
+        if self._cq.closed:
+            raise PieError.closed("this queue was closed")
+
+    def _push(self, cmd: Any) -> None:
+        self._cq.push(cmd)
+        self._core._cv.notify_all()
+
+    # ---- queue ----------------------------------------------------------------
+    def set_priority(self, priority: int) -> None:
+        _check_u32("priority", priority)
+        with self._core._cv:
+            self._cq.priority = priority
+
+    def synchronize(self) -> Future:
+        """Resolves once every earlier command on this queue has taken effect."""
+        with self._core._cv:
+            self._check_open()
+            cmd = SyncCmd()
+            self._push(cmd)
+            return cmd.future
+
+    def close(self) -> None:
+        """No new commands; those already queued still run (frees and exports
+        must not be lost because a queue handle was dropped)."""
+        with self._core._cv:
+            self._cq.closed = True
+            if self._cq.drained():
+                self._core._scheduler.queues.pop(self._cq.id, None)
+
+    # ---- pages ----------------------------------------------------------------
+    def allocate_pages(self, count: int) -> list[int]:
+        """Fresh page ids, at once; out-of-memory (and nothing allocated) if the
+        pool or the instance's quota cannot hold them."""
+        _check_u32("count", count)
+        with self._core._cv:
+            self._check_open()
+            return self._pages.allocate(self.instance_id, count, self._core._scheduler.alloc_pages)
+
+    def free_pages(self, pages: Sequence[int]) -> None:
+        """Releases pages after the earlier commands on this queue; the ids are
+        unusable for new commands at once."""
+        pages = tuple(pages)
+        with self._core._cv:
+            self._check_open()
+            self._pages.doom(self.instance_id, pages)
+            self._push(FreeCmd(pages))
+
+    def copy_slots(self, src: int, src_offset: int, dst: int, dst_offset: int, count: int) -> None:
+        with self._core._cv:
+            self._check_open()
+            self._pages.check_live(self.instance_id, (src, dst))
+            self._check_range(src_offset, count, "source")
+            self._check_range(dst_offset, count, "destination")
+            self._push(CopySlotsCmd(src, src_offset, dst, dst_offset, count))
+
+    def mask_slots(self, page: int, offset: int, count: int, masked: bool) -> None:
+        with self._core._cv:
+            self._check_open()
+            self._pages.check_live(self.instance_id, (page,))
+            self._check_range(offset, count, "mask")
+            self._push(MaskSlotsCmd(page, offset, count, bool(masked)))
+
+    def _check_range(self, offset: int, count: int, what: str) -> None:
+        ps = self._core.page_size
+        if offset < 0 or count < 0 or offset + count > ps:
+            raise PieError.invalid(f"{what} slots [{offset}, {offset + count}) are outside the page's 0..{ps}")
+
+    # ---- exports --------------------------------------------------------------
+    def export_pages(self, name: str, pages: Sequence[int], last_page_len: int, persistent: bool) -> None:
+        """Publishes the pages under `name` once earlier commands on this queue
+        have written them (an import of the name waits until then)."""
+        with self._core._cv:
+            self._check_open()
+            export = self._pages.reserve_export(self.instance_id, name, tuple(pages), last_page_len, bool(persistent))
+            self._push(PublishExportCmd(export))
+
+    def unexport(self, name: str) -> None:
+        """Withdraws an export of this namespace; its pages stay with their holders."""
+        with self._core._cv:
+            self._check_open()
+            self._pages.unexport(self._instance.namespace, name)
+            self._core._cv.notify_all()
+
+    def import_pages(self, name: str) -> tuple[list[int], int]:
+        """New page ids sharing the export's physical pages, and its last-page-len."""
+        with self._core._cv:
+            self._check_open()
+            export = self._pages.lookup_export(self._instance.namespace, name)
+            if not export.published and not export.withdrawn:
+                if not self._core._scheduler.running:
+                    raise PieError.not_found(f"export {name!r} is not published yet (the engine is stopped)")
+                self._core._cv.wait_for(lambda: export.published or export.withdrawn, IMPORT_WAIT_S)
+                self._check_open()
+            if not export.published:
+                raise PieError.not_found(f"export {name!r} was withdrawn before it was published")
+            return self._pages.import_export(self.instance_id, export)
+
+    def list_exports(self) -> list[str]:
+        with self._core._cv:
+            return self._pages.list_exports(self._instance.namespace)
+
+    # ---- forward --------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: Sequence[int],
+        last_page_len: int,
+        mask: np.ndarray | None = None,
+        outputs: Sequence[OutputRequest] = (),
+    ) -> Future:
+        """Enqueues a forward pass over new tokens of one sequence. Input the
+        engine would reject is a `PieError` raised here, not a failed future."""
+        cmd = ForwardCmd(
+            tokens=tuple(int(t) for t in tokens),
+            positions=tuple(int(p) for p in positions),
+            pages=tuple(int(p) for p in pages),
+            last_page_len=int(last_page_len),
+            mask=None if mask is None else np.asarray(mask, dtype=bool),
+            outputs=tuple(outputs),
+        )
+        for out in cmd.outputs:
+            if not isinstance(out, (Sample, Distribution, Logprobs)):
+                raise PieError.invalid(f"unknown output request {out!r}")
+        if not cmd.pages:
+            raise PieError.invalid("a forward needs at least one page")
+        if not 1 <= cmd.last_page_len <= self._core.page_size:
+            raise PieError.invalid(f"last_page_len {cmd.last_page_len} is outside 1..{self._core.page_size}")
+        with self._core._cv:
+            self._check_open()
+            self._pages.check_live(self.instance_id, cmd.pages, distinct=True)
+            # Validate against today's physical pages: copy-on-write may remap
+            # them before the step, but shapes, ranges and ids do not change.
+            request = ForwardRequest(
+                tokens=list(cmd.tokens),
+                positions=list(cmd.positions),
+                pages=[self._pages.physical(self.instance_id, v) for v in cmd.pages],
+                last_page_len=cmd.last_page_len,
+                mask=cmd.mask,
+                outputs=cmd.outputs,
+            )
+            try:
+                self._core.engine.validate(request)
+            except EngineInputError as exc:
+                raise PieError.invalid(str(exc)) from exc
+            self._push(cmd)
+            return cmd.future
+
+
+def _check_u32(what: str, value: int) -> None:
+    if not 0 <= int(value) <= 2**32 - 1:
+        raise PieError.invalid(f"{what} {value} is outside the u32 range")

@@ -1,0 +1,267 @@
+"""Test guest for the Wasm host, written against the raw generated bindings (no SDK).
+
+One component serves every host test (a componentize-py build costs ~10 s
+and ~18 MB): the first argument picks the mode, the result is JSON.
+"""
+
+import json
+
+from componentize_py_types import Err
+from wit_world import exports
+from wit_world.imports import inference, kvstore, messaging, model, runtime, types
+
+
+def _code(fn):
+    """Runs `fn`; "ok" or the WIT error code it raised."""
+    try:
+        fn()
+        return "ok"
+    except Err as e:
+        return e.value.code.name.lower().replace("_", "-")
+
+
+def _open():
+    return model.Model.open(runtime.models()[0])
+
+
+def mode_info(args):
+    m = _open()
+    info = m.info()
+    tok = m.tokenizer()
+    text = args[0] if args else "Hello world"
+    ids = tok.encode(text)
+    vocab = tok.vocabulary()
+    try:
+        chat = m.apply_chat_template([model.ChatMessage(role="user", content=text)], True)
+    except Err as e:
+        chat = {"error": e.value.code.name}
+    return {
+        "version": runtime.version(),
+        "instance_id": runtime.instance_id(),
+        "arguments": runtime.arguments(),
+        "models": runtime.models(),
+        "info": {
+            "name": info.name, "architecture": info.architecture, "vocab_size": info.vocab_size,
+            "page_size": info.page_size, "max_positions": info.max_positions,
+            "eos_tokens": info.eos_tokens, "bos_token": info.bos_token,
+            "chat_template": info.chat_template,
+        },
+        "encode": ids,
+        "decode": tok.decode(ids),
+        "vocab_len": len(vocab),
+        "vocab_hex": {str(i): vocab[i].hex() for i in range(0, len(vocab), max(1, len(vocab) // 50))},
+        "special": [[t, i] for t, i in tok.special_tokens()],
+        "chat": chat,
+    }
+
+
+def _greedy(index):
+    return inference.OutputRequest_Sample(inference.SampleSpec(
+        index=index, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=None))
+
+
+def mode_generate(args):
+    """Raw prefill + greedy decode: pages managed by hand, one forward per token."""
+    prompt, n = args[0], int(args[1])
+    m = _open()
+    page_size = m.info().page_size
+    q = m.create_queue(0)
+    tokens = m.tokenizer().encode(prompt)
+    pages = []
+    seq_len = 0
+    out = []
+
+    def grow(to_len):
+        need = (to_len + page_size - 1) // page_size - len(pages)
+        if need > 0:
+            pages.extend(q.allocate_pages(need))
+
+    step = tokens
+    for _ in range(n):
+        grow(seq_len + len(step))
+        positions = list(range(seq_len, seq_len + len(step)))
+        seq_len += len(step)
+        last = seq_len - (len(pages) - 1) * page_size
+        fut = q.forward(inference.ForwardRequest(
+            tokens=step, positions=positions, pages=list(pages), last_page_len=last,
+            mask=None, outputs=[_greedy(len(step) - 1)]))
+        result = fut.get()
+        token = result[0].value
+        out.append(token)
+        step = [token]
+    q.free_pages(pages)
+    q.synchronize().get()
+    return {"tokens": out}
+
+
+def mode_errors(args):
+    m = _open()
+    info = m.info()
+    q = m.create_queue(0)
+    tok = m.tokenizer()
+    pages = q.allocate_pages(2)
+    ps = info.page_size
+
+    def fwd(**kw):
+        req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=2, mask=None,
+                   outputs=[_greedy(1)])
+        req.update(kw)
+        return q.forward(inference.ForwardRequest(**req)).get()
+
+    codes = {
+        "decode_out_of_vocab": _code(lambda: tok.decode([info.vocab_size + 5])),
+        "open_unknown_model": _code(lambda: model.Model.open("no-such-model")),
+        "free_unknown_page": _code(lambda: q.free_pages([987654])),
+        "copy_unknown_page": _code(lambda: q.copy_slots(987654, 0, pages[0], 0, 1)),
+        "mask_out_of_range": _code(lambda: q.mask_slots(pages[0], ps, 1, True)),
+        "forward_unknown_page": _code(lambda: fwd(pages=[987654])),
+        "forward_positions_length": _code(lambda: fwd(positions=[0])),
+        "forward_bad_token": _code(lambda: fwd(tokens=[1, info.vocab_size + 3])),
+        "forward_bad_last_page_len": _code(lambda: fwd(last_page_len=ps + 1)),
+        "forward_mask_rows": _code(lambda: fwd(mask=[[0, 2]])),
+        "forward_mask_sum": _code(lambda: fwd(mask=[[0, 1], [0, 3]])),
+        "sample_allowed_sum": _code(lambda: fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
+            index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=[0, 3]))])),
+        "output_index": _code(lambda: fwd(outputs=[_greedy(7)])),
+        "import_unknown": _code(lambda: q.import_pages("no-such-export")),
+        "unexport_unknown": _code(lambda: q.unexport("no-such-export")),
+        "allocate_too_many": _code(lambda: q.allocate_pages(1 << 30)),
+    }
+    # The host must still serve this instance after all of that.
+    good = fwd()
+    codes["still_serving"] = "ok" if isinstance(good[0].value, int) else "bad"
+    allowed_only = int(args[0]) if args else 3
+    restricted = fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
+        index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
+        allowed=[allowed_only, 1, info.vocab_size - allowed_only - 1]))])
+    codes["allowed_token"] = restricted[0].value
+    q.free_pages(pages)
+    q.synchronize().get()
+    return codes
+
+
+def mode_hold_pages(args):
+    """Allocates pages and ends without freeing them: the host must release them."""
+    q = _open().create_queue(0)
+    q.allocate_pages(int(args[0]))
+    if len(args) > 1 and args[1] == "trap":
+        raise RuntimeError("trap while holding pages")
+    return "held"
+
+
+def mode_trap(args):
+    raise RuntimeError("deliberate failure in the guest")
+
+
+def mode_err(args):
+    raise Err("deliberate error result")
+
+
+def mode_loop(args):
+    if args and args[0] == "hold":
+        _open().create_queue(0).allocate_pages(2)
+    x = 0
+    while True:
+        x += 1
+
+
+def mode_block(args):
+    """Waits for a client message that never comes (until terminated)."""
+    if args and args[0] == "hold":
+        _open().create_queue(0).allocate_pages(2)
+    return messaging.receive().get()
+
+
+def mode_oom(args):
+    if args and args[0] == "hold":
+        _open().create_queue(0).allocate_pages(2)
+    hog = []
+    while True:
+        hog.append(bytearray(4 << 20))
+
+
+def mode_echo(args):
+    n = 0
+    while True:
+        try:
+            msg = messaging.receive().get()
+        except Err as e:
+            if e.value.code == types.ErrorCode.CLOSED:
+                break
+            raise
+        messaging.send(msg.upper())
+        n += 1
+    return f"echoed {n}"
+
+
+def _wait_for_key(key):
+    while kvstore.get(key) is None:
+        runtime.poll([], 5)
+
+
+def mode_sub(args):
+    topic, n = args[0], int(args[1])
+    sub = messaging.subscribe(topic)
+    kvstore.set(f"ready/{runtime.instance_id()}", "1")
+    got = [sub.next().get() for _ in range(n)]
+    return {"got": got}
+
+
+def mode_pub(args):
+    topic, n, subscribers = args[0], int(args[1]), int(args[2])
+    while len(kvstore.list_keys("ready/")) < subscribers:
+        runtime.poll([], 5)
+    for i in range(n):
+        messaging.broadcast(topic, f"msg-{i}")
+    return "published"
+
+
+def mode_kv(args):
+    action = args[0]
+    if action == "write":
+        kvstore.set(args[1], args[2])
+        return "written"
+    if action == "read":
+        return json.dumps({"value": kvstore.get(args[1]), "keys": kvstore.list_keys(""),
+                           "deleted_missing": kvstore.delete("never-set")})
+    raise Err(f"unknown kv action {action}")
+
+
+def mode_poll(args):
+    """poll: timeout with nothing ready, then a ready receive among pending ones."""
+    r1 = messaging.receive()
+    s = messaging.subscribe("poll-topic")
+    n1 = s.next()
+    timed_out = runtime.poll([r1.pollable(), n1.pollable()], 20)
+    messaging.broadcast("poll-topic", "wake")
+    ready = runtime.poll([r1.pollable(), n1.pollable()], None)
+    return {"timed_out": timed_out, "ready": ready, "value": n1.get(), "ready_flag": n1.pollable().ready()}
+
+
+def mode_churn(args):
+    """Creates and drops many resources, then waits: the test counts the host's live handles."""
+    for _ in range(int(args[0])):
+        f = messaging.receive()
+        with f.pollable() as p:
+            p.ready()
+        f.__exit__(None, None, None)
+        with messaging.subscribe("churn") as sub:
+            sub.next().__exit__(None, None, None)
+    return messaging.receive().get()
+
+
+def mode_runtime(args):
+    return {"version": runtime.version(), "instance_id": runtime.instance_id(),
+            "arguments": runtime.arguments(), "models": runtime.models()}
+
+
+MODES = {name[5:]: fn for name, fn in globals().items() if name.startswith("mode_")}
+
+
+class Run(exports.Run):
+    def run(self) -> str:
+        args = runtime.arguments()
+        if not args or args[0] not in MODES:
+            raise Err(f"first argument must be one of {sorted(MODES)}")
+        result = MODES[args[0]](args[1:])
+        return result if isinstance(result, str) else json.dumps(result)

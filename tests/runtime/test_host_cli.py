@@ -1,0 +1,118 @@
+"""`pie-run` end to end: real components, a tiny random model loaded from disk, the terminal
+(stdin/stdout/stderr) replaced by in-memory streams."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pie_runtime import component_cache
+from pie_runtime.cli import main
+from pie_runtime.component_cache import ComponentCache
+from tests.runtime.guests.build import build_guest
+from tests.runtime.guests.fixtures import PRECOMPILED, TEST_PIE_HOME
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_OPTS = ["--page-size", "4", "--kv-pages", "64"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_pie_home():
+    """pie-run's caches (precompiled components, pie-build outputs) go to the tests' PIE_HOME."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PIE_HOME", str(TEST_PIE_HOME))
+    mp.setattr(component_cache, "_default_cache", ComponentCache(PRECOMPILED))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def probe_wasm() -> Path:
+    return build_guest("probe")
+
+
+def pie_run(argv, stdin_text=""):
+    out, err = io.StringIO(), io.StringIO()
+    code = main([str(a) for a in argv], stdin=io.StringIO(stdin_text), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_help_describes_the_options():
+    code, out, _ = pie_run(["--help"])
+    assert code == 0
+    for option in ("PROGRAM", "--model", "--page-size", "--kv-pages", "--instances", "--batching",
+                   "--allow", "--cpu-limit", "--memory-limit", "-- --help"):
+        assert option in out
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert pie_run([tmp_path / "missing.wasm"])[0] == 2
+    code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "teleport"])
+    assert code == 2 and "unknown capability" in err
+    assert pie_run(["x.wasm", "--instances", "0"])[0] == 2
+
+
+def test_stdin_lines_are_received_and_sends_go_to_stdout(probe_wasm, tiny_llama_dir):
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "echo"],
+                             stdin_text="hello\nwörld\n")
+    assert code == 0, err
+    assert out.splitlines() == ["HELLO", "WÖRLD", "echoed 2"]  # messages, then the return value last
+    assert "loading model" in err  # progress goes to stderr, not stdout
+
+
+def test_many_instances_print_results_and_a_summary(probe_wasm, tiny_llama_dir):
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--instances", "3",
+                              "--", "generate", "Hello world", "5"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line[:4] for line in lines] == ["[0] ", "[1] ", "[2] "]
+    results = [json.loads(line[4:])["tokens"] for line in lines]
+    assert len(results[0]) == 5 and results.count(results[0]) == 3  # greedy: the same for all
+    assert "3/3 instances ok" in err
+    assert "15 tokens generated" in err
+    assert "batch sizes" in err
+
+
+def test_a_failing_instance_makes_the_exit_code_nonzero(probe_wasm, tiny_llama_dir):
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "trap"])
+    assert code == 1
+    assert "RuntimeError: deliberate failure in the guest" in err
+    assert out == ""
+
+
+def test_cpu_limit_option_stops_a_runaway_instance(probe_wasm, tiny_llama_dir):
+    code, _, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--cpu-limit", "0.5", "--", "loop"])
+    assert code == 1 and "cpu-limit" in err
+
+
+@pytest.mark.slow
+def test_a_python_inferlet_is_built_and_its_declared_arguments_are_enforced(tiny_llama_dir):
+    """The .py path: pie-build on the fly, `-- --help` from the manifest, argument validation."""
+    pytest.importorskip("inferlet_toolchain.build")
+    source = REPO / "sample_inferlets" / "text_completion.py"
+    code, out, err = pie_run([source, "--", "--help"])
+    assert code == 0, err
+    assert "text-completion" in out and "--max-tokens" in out
+    code, _, err = pie_run([source, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--max-tokens", "many"])
+    assert code == 2 and "max-tokens" in err
+    code, out, err = pie_run([source, "--model", tiny_llama_dir, *MODEL_OPTS, "--",
+                              "--prompt", "Hello", "--max-tokens", "4"])
+    assert code == 0, err
+    assert out.endswith("\n") and out.count("\n") == 1
+
+
+def test_pie_run_as_a_process_with_real_pipes(probe_wasm, tiny_llama_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pie_runtime.cli", str(probe_wasm), "--model", str(tiny_llama_dir), *MODEL_OPTS,
+         "--quiet", "--", "echo"],
+        input="ping\n", capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PIE_HOME": str(TEST_PIE_HOME)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["PING", "echoed 1"]
