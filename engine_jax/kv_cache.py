@@ -1,0 +1,125 @@
+"""The paged KV pool: device arrays plus the host-side free list of physical pages.
+
+Layout: ``KVCache.k[layer]`` and ``KVCache.v[layer]`` are separate arrays of
+shape ``[num_pages, page_size, num_kv_heads, head_dim]`` (one buffer per
+layer, so a layer's pages feed attention or a kernel without slicing a
+layer-stacked array, which would copy it). ``slot_valid[page, offset]`` is
+False for slots excluded from all attention: never written, masked by the
+application, or on a page freshly handed out by ``PagePool.alloc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine_jax.batch import EngineInputError
+from engine_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [num_pages, page_size, num_kv_heads, head_dim]
+    v: tuple[jax.Array, ...]
+    slot_valid: jax.Array  # bool[num_pages, page_size]
+
+    @property
+    def num_pages(self) -> int:
+        return self.slot_valid.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.slot_valid.shape[1]
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
+    """Device bytes one page takes across all layers (K, V and valid bits)."""
+    per_layer = 2 * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    return config.num_layers * per_layer + page_size
+
+
+def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, memory_bytes: int) -> int:
+    """How many pages fit in ``memory_bytes``; at least one page must fit."""
+    size = page_bytes(config, page_size, dtype)
+    count = int(memory_bytes) // size
+    if count < 1:
+        raise ValueError(f"a KV memory budget of {memory_bytes} bytes holds no page ({size} bytes each)")
+    return count
+
+
+def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
+    """A zeroed pool with every slot invalid."""
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        slot_valid=jnp.zeros((num_pages, page_size), jnp.bool_),
+    )
+
+
+class OutOfPages(EngineInputError):
+    """The pool has fewer free pages than requested."""
+
+
+class PagePool:
+    """Host-side free list of physical page ids.
+
+    Pages handed out by ``alloc`` are remembered until ``take_fresh`` so the
+    engine can clear their valid bits before their first use: a reused page
+    must never expose its previous owner's KV.
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self._num_pages = num_pages
+        # Popping from the end hands out low ids first.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._is_free = np.ones(num_pages, dtype=bool)
+        self._fresh: list[int] = []
+
+    @property
+    def num_pages(self) -> int:
+        return self._num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n < 0:
+            raise EngineInputError(f"cannot allocate a negative number of pages ({n})")
+        if n > len(self._free):
+            raise OutOfPages(
+                f"out of KV pages: requested {n}, only {len(self._free)} of {self._num_pages} free"
+            )
+        ids = [self._free.pop() for _ in range(n)]
+        self._is_free[ids] = False
+        self._fresh.extend(ids)
+        return ids
+
+    def free(self, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self._num_pages:
+                raise EngineInputError(f"page id {i} is out of range 0..{self._num_pages - 1}")
+        if len(set(ids)) != len(ids):
+            raise EngineInputError(f"page ids to free contain duplicates: {ids}")
+        already = [i for i in ids if self._is_free[i]]
+        if already:
+            raise EngineInputError(f"pages {already} are already free")
+        self._is_free[ids] = True
+        self._free.extend(reversed(ids))
+
+    def is_allocated(self, page: int) -> bool:
+        return 0 <= page < self._num_pages and not self._is_free[page]
+
+    def take_fresh(self) -> list[int]:
+        """Pages allocated since the last call (the engine clears their valid bits)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh

@@ -1,0 +1,223 @@
+"""The Llama-family decoder (Llama 3, Qwen2, Qwen3, Mistral) over a ragged batch of new tokens.
+
+Weights are pytree dataclasses, one ``LayerParams`` per layer (separate
+buffers per layer: slicing a layer-stacked array inside the step would copy
+it on every call). Projections are stored ``[in, out]`` with q/k/v and
+gate/up fused so each layer runs two input matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine_jax.config import ModelConfig
+from engine_jax.kv_cache import KVCache
+from engine_jax.paged_attention import AttentionFn
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerParams:
+    attn_norm: jax.Array  # [hidden]
+    w_qkv: jax.Array  # [hidden, (num_heads + 2 * num_kv_heads) * head_dim]
+    b_qkv: jax.Array | None  # [(num_heads + 2 * num_kv_heads) * head_dim]
+    q_norm: jax.Array | None  # [head_dim]
+    k_norm: jax.Array | None  # [head_dim]
+    w_o: jax.Array  # [num_heads * head_dim, hidden]
+    mlp_norm: jax.Array  # [hidden]
+    w_gate_up: jax.Array  # [hidden, 2 * intermediate]
+    w_down: jax.Array  # [intermediate, hidden]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Params:
+    embed: jax.Array  # [vocab, hidden]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array  # [hidden]
+    lm_head: jax.Array | None  # [hidden, vocab]; None = tied to embed
+
+
+class WeightError(ValueError):
+    """A checkpoint tensor is missing or has the wrong shape; the message names it."""
+
+
+def params_from_state_dict(
+    config: ModelConfig, state_dict: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
+) -> Params:
+    """Builds Params from Hugging Face tensor names (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state_dict:
+            raise WeightError(f"checkpoint is missing tensor {name!r} (expected shape {shape})")
+        array = state_dict[name]
+        if tuple(array.shape) != shape:
+            raise WeightError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
+        return np.asarray(array)
+
+    def put(array: np.ndarray) -> jax.Array:
+        return jnp.asarray(np.asarray(array, dtype=np.float32), dtype=dtype)
+
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        wq = get(p + "self_attn.q_proj.weight", (q_out, c.hidden_size))
+        wk = get(p + "self_attn.k_proj.weight", (kv_out, c.hidden_size))
+        wv = get(p + "self_attn.v_proj.weight", (kv_out, c.hidden_size))
+        bias = None
+        if c.attention_bias:
+            bias = put(np.concatenate([
+                get(p + "self_attn.q_proj.bias", (q_out,)),
+                get(p + "self_attn.k_proj.bias", (kv_out,)),
+                get(p + "self_attn.v_proj.bias", (kv_out,)),
+            ]).astype(np.float32))
+        gate = get(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size))
+        up = get(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size))
+        layers.append(LayerParams(
+            attn_norm=put(get(p + "input_layernorm.weight", (c.hidden_size,))),
+            w_qkv=put(np.concatenate([wq, wk, wv], axis=0).T),
+            b_qkv=bias,
+            q_norm=put(get(p + "self_attn.q_norm.weight", (c.head_dim,))) if c.qk_norm else None,
+            k_norm=put(get(p + "self_attn.k_norm.weight", (c.head_dim,))) if c.qk_norm else None,
+            w_o=put(get(p + "self_attn.o_proj.weight", (c.hidden_size, q_out)).T),
+            mlp_norm=put(get(p + "post_attention_layernorm.weight", (c.hidden_size,))),
+            w_gate_up=put(np.concatenate([gate, up], axis=0).T),
+            w_down=put(get(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)).T),
+        ))
+    embed = put(get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)))
+    if c.tie_word_embeddings:
+        lm_head = None
+    else:
+        lm_head = put(get("lm_head.weight", (c.vocab_size, c.hidden_size)).T)
+    return Params(
+        embed=embed,
+        layers=tuple(layers),
+        final_norm=put(get("model.norm.weight", (c.hidden_size,))),
+        lm_head=lm_head,
+    )
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``[head_dim // 2]`` (float32), with Llama-3 or linear scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF "rotate half" RoPE; x ``[T, heads, head_dim]``, cos/sin ``[T, head_dim]``."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TokenBatch:
+    """Device arrays describing the new tokens of one step (shapes are bucketed by the engine).
+
+    Padding tokens write to page ``num_pages`` (out of range, so the scatter drops them).
+    """
+
+    tokens: jax.Array  # int32[T]
+    positions: jax.Array  # int32[T]
+    write_pages: jax.Array  # int32[T] physical page of each token's slot
+    write_offsets: jax.Array  # int32[T] offset within that page
+    page_table: jax.Array  # int32[R, P]
+    kv_lens: jax.Array  # int32[R]
+    cu_q_lens: jax.Array  # int32[R+1]
+    q_slots: jax.Array  # int32[T]
+    custom_mask: jax.Array | None  # bool[T, P * page_size]
+    output_rows: jax.Array  # int32[O] tokens whose next-token logits are wanted
+
+
+def forward(
+    params: Params,
+    cache: KVCache,
+    batch: TokenBatch,
+    inv_freq: jax.Array,
+    *,
+    config: ModelConfig,
+    attention: AttentionFn,
+) -> tuple[KVCache, jax.Array]:
+    """Runs the decoder over ``batch``: writes the new K/V into ``cache`` and returns float32 logits ``[O, vocab]``."""
+    c = config
+    num_tokens = batch.tokens.shape[0]
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    scale = c.head_dim ** -0.5
+
+    freqs = batch.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    # The new slots become attendable in this very step, before any layer reads them.
+    slot_valid = cache.slot_valid.at[batch.write_pages, batch.write_offsets].set(True, mode="drop")
+
+    x = params.embed[batch.tokens]
+    new_k, new_v = [], []
+    for layer, lp in enumerate(params.layers):
+        h = _rms_norm(x, lp.attn_norm, c.rms_norm_eps)
+        qkv = h @ lp.w_qkv
+        if lp.b_qkv is not None:
+            qkv = qkv + lp.b_qkv
+        q = qkv[:, :q_size].reshape(num_tokens, c.num_heads, c.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        v = qkv[:, q_size + kv_size:].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        if lp.q_norm is not None:
+            q = _rms_norm(q, lp.q_norm, c.rms_norm_eps)
+            k = _rms_norm(k, lp.k_norm, c.rms_norm_eps)
+        q = _apply_rope(q, cos, sin)
+        k = _apply_rope(k, cos, sin)
+        # Scatter first, then attend over the updated pages: XLA keeps the donated buffer in place.
+        k_pages = cache.k[layer].at[batch.write_pages, batch.write_offsets].set(k.astype(cache.k[layer].dtype), mode="drop")
+        v_pages = cache.v[layer].at[batch.write_pages, batch.write_offsets].set(v.astype(cache.v[layer].dtype), mode="drop")
+        new_k.append(k_pages)
+        new_v.append(v_pages)
+        attn = attention(
+            q, k_pages, v_pages, slot_valid, batch.page_table, batch.kv_lens,
+            batch.cu_q_lens, batch.q_slots, batch.custom_mask, scale=scale,
+        )
+        x = x + attn.reshape(num_tokens, q_size).astype(x.dtype) @ lp.w_o
+        h = _rms_norm(x, lp.mlp_norm, c.rms_norm_eps)
+        gate_up = h @ lp.w_gate_up
+        gate, up = gate_up[:, :c.intermediate_size], gate_up[:, c.intermediate_size:]
+        x = x + (jax.nn.silu(gate) * up) @ lp.w_down
+
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), slot_valid=slot_valid)
+    # The LM head runs only on the rows somebody asked about.
+    h = _rms_norm(x[batch.output_rows], params.final_norm, c.rms_norm_eps)
+    if params.lm_head is None:
+        logits = h @ params.embed.T
+    else:
+        logits = h @ params.lm_head
+    return new_cache, logits.astype(jnp.float32)

@@ -1,0 +1,41 @@
+"""Adapters from a Hugging Face test checkpoint to what ``engine_jax.engine.Engine`` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from engine_jax.config import ModelConfig
+from engine_jax.model import Params, params_from_state_dict
+from engine_jax.weights import load_hf_checkpoint
+
+
+@dataclass
+class TestModel:
+    """The fields Engine reads from a loaded model (engine_jax.loader.LoadedModel has the same ones)."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    config: ModelConfig
+    params: Params
+    tokenizer: Any
+    hf_config: dict = field(default_factory=dict)
+
+
+def load_test_model(directory: Path, dtype: Any = jnp.float32) -> TestModel:
+    """Reads config, weights and tokenizer of ``directory`` with the engine's own readers."""
+    from engine_jax.tokenizer import Tokenizer
+
+    hf_config, state_dict = load_hf_checkpoint(directory)
+    config = ModelConfig.from_hf(hf_config)
+    return TestModel(
+        name=Path(directory).name,
+        config=config,
+        params=params_from_state_dict(config, state_dict, dtype),
+        tokenizer=Tokenizer.from_directory(directory),
+        hf_config=hf_config,
+    )
