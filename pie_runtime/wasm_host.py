@@ -9,7 +9,8 @@ Host functions learn which instance is calling from a thread-local: each
 instance runs on its own OS thread (see `instance.py`) and wasm only ever
 calls back into Python on the thread that entered it.
 
-Resources (pollable, futures, subscription, tokenizer, model, queue) live in
+Resources (pollable, futures, subscription, tokenizer, model, queue,
+grammar matcher) live in
 a per-instance `ResourceTable`: the guest holds an integer `rep`, the table
 maps it to the Python object. An `own` handle returned to the guest is a new
 table entry; its destructor runs when the guest drops the handle. A `borrow`
@@ -45,7 +46,7 @@ from wasmtime import WasmtimeError
 from wasmtime.component import Linker, Record, ResourceHost, ResourceType
 
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
-from pie_runtime import component_cache
+from pie_runtime import component_cache, grammar
 from pie_runtime.errors import PieError
 from pie_runtime.kvstore import KVStore, NamespacedKV
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
@@ -72,6 +73,7 @@ class Kind(enum.IntEnum):
     MODEL = 6
     QUEUE = 7
     FORWARD_FUTURE = 8
+    MATCHER = 9
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -837,6 +839,8 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]model.create-queue", _model_create_queue, False),
         ),
     ),
+    # Grammar matchers for constrained decoding (pie_runtime/grammar.py).
+    "grammar": grammar.host_bindings(_own, _borrowed, Kind.MODEL, Kind.MATCHER),
 }
 
 

@@ -35,6 +35,8 @@ _GUEST = {
     "raw": None,
     "loop": None,
     "Context": "context",
+    "Grammar": "grammar",
+    "Matcher": "grammar",
     "Model": "model",
     "Tokenizer": "model",
     "get_model": "model",

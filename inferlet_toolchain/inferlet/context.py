@@ -22,11 +22,12 @@ Guest-only: imports the bindings.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Generator, Iterable, Optional, Sequence
+from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
 
 from . import raw
 from .drafter import Drafter
 from .errors import InferletError
+from .grammar import Grammar, Matcher
 from .loop import wait
 from .model import Message, Model, call, get_model, to_chat_message
 from .sampling import Sampler, Stop
@@ -298,9 +299,13 @@ class Context:
 
     # Generation ----------------------------------------------------------
     def _generate_steps(self, sampler: Sampler, stop: Stop, drafter: Optional[Drafter],
-                        on_token: Optional[Callable[[int], None]]) -> Steps:
+                        on_token: Optional[Callable[[int], None]],
+                        grammar: Union[Grammar, Matcher, None] = None) -> Steps:
         if not self.pending:
             raise ValueError("nothing to generate from: fill() a prompt first")
+        if grammar is not None and drafter is not None:
+            raise ValueError("generate() takes a grammar or a drafter, not both")
+        matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         stop = stop.bind(self.model.eos_tokens)
         tokenizer = self.model.tokenizer
         generated: list[int] = []
@@ -312,8 +317,9 @@ class Context:
                 if room > 0:
                     draft = list(drafter.draft(self.tokens + self.pending))[:room]
             base = len(self.pending) - 1
+            step_sampler = sampler if matcher is None else sampler.with_allowed(matcher.allowed_tokens())
             outputs = [
-                raw.OutputRequestSample(raw.SampleSpec(**sampler.spec_fields(base + i, self._step + i)))
+                raw.OutputRequestSample(raw.SampleSpec(**step_sampler.spec_fields(base + i, self._step + i)))
                 for i in range(len(draft) + 1)
             ]
             self.pending = self.pending + draft
@@ -330,10 +336,14 @@ class Context:
             for token in accepted:
                 generated.append(token)
                 used += 1
+                if matcher is not None:
+                    matcher.accept(token)
                 if on_token is not None:
                     on_token(token)
                 text = tokenizer.decode(generated) if stop.needs_text else None
                 reason = stop.check(generated, text)
+                if reason is None and matcher is not None and matcher.is_done():
+                    reason = "grammar"
                 if reason is not None:
                     break
             self._step += used
@@ -346,6 +356,8 @@ class Context:
             # writes its own end-of-turn when the conversation goes on.
             self.pending = []
             generated.pop()
+        if matcher is not grammar:
+            matcher.close()  # made here from a Grammar
         self.generated = generated
         self.stop_reason = reason
         text = stop.trim(tokenizer.decode(generated))
@@ -356,22 +368,27 @@ class Context:
 
     def generate(self, sampler: Optional[Sampler] = None, stop: Optional[Stop] = None, *,
                  drafter: Optional[Drafter] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> str:
+                 on_token: Optional[Callable[[int], None]] = None,
+                 grammar: Union[Grammar, Matcher, None] = None) -> str:
         """Generates until `stop` (default: EOS or 256 tokens); returns the new text.
 
         Each step is one forward pass of the newest token with a sample
         request at its index. With a `drafter`, each pass also verifies the
-        drafter's proposed tokens (speculative decoding).
+        drafter's proposed tokens (speculative decoding). With a `grammar`
+        (or a `Matcher`, which then advances), each draw is restricted to the
+        tokens it allows (replacing `sampler.allowed`) and generation also
+        stops, with `stop_reason` "grammar", once the match is finished.
         """
-        return _drive(self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token))
+        return _drive(self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar))
 
     async def generate_async(self, sampler: Optional[Sampler] = None, stop: Optional[Stop] = None, *,
                              drafter: Optional[Drafter] = None,
-                             on_token: Optional[Callable[[int], None]] = None) -> str:
+                             on_token: Optional[Callable[[int], None]] = None,
+                             grammar: Union[Grammar, Matcher, None] = None) -> str:
         """`generate` as a coroutine: concurrent contexts (e.g. forks under
         `asyncio.gather`) wait together and are batched by the server."""
         return await _drive_async(
-            self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token))
+            self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar))
 
     # Editing the KV ------------------------------------------------------
     def _rollback(self, count: int) -> None:

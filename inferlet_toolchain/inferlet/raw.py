@@ -13,7 +13,7 @@ Only importable inside the guest (or wherever `wit_world` bindings exist).
 from __future__ import annotations
 
 from componentize_py_types import Err, Ok, Some
-from wit_world.imports import inference, kvstore, messaging, model, runtime, types
+from wit_world.imports import grammar, inference, kvstore, messaging, model, runtime, types
 
 # types
 Error = types.Error
@@ -46,6 +46,9 @@ Output = inference.Output
 OutputToken = inference.Output_Token
 OutputDistribution = inference.Output_Distribution
 OutputLogprobs = inference.Output_Logprobs
+
+# grammar
+Matcher = grammar.Matcher
 
 # Every WIT function, as (interface, resource or None, function name) -> the
 # Python callable's location, for the drift test: a function missing from the
@@ -92,13 +95,22 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("inference", "queue", "import-pages"): Queue.import_pages,
     ("inference", "queue", "list-exports"): Queue.list_exports,
     ("inference", "queue", "forward"): Queue.forward,
+    ("grammar", "matcher", "from-json-schema"): Matcher.from_json_schema,
+    ("grammar", "matcher", "from-regex"): Matcher.from_regex,
+    ("grammar", "matcher", "from-ebnf"): Matcher.from_ebnf,
+    ("grammar", "matcher", "accept"): Matcher.accept,
+    ("grammar", "matcher", "allowed-tokens"): Matcher.allowed_tokens,
+    ("grammar", "matcher", "is-accepting"): Matcher.is_accepting,
+    ("grammar", "matcher", "is-done"): Matcher.is_done,
+    ("grammar", "matcher", "rollback"): Matcher.rollback,
+    ("grammar", "matcher", "reset"): Matcher.reset,
 }
 
 __all__ = [
-    "Err", "Ok", "Some", "inference", "kvstore", "messaging", "model", "runtime", "types",
+    "Err", "Ok", "Some", "grammar", "inference", "kvstore", "messaging", "model", "runtime", "types",
     "Error", "ErrorCode", "Pollable", "FutureUnit", "FutureString", "ModelInfo", "ChatMessage",
     "Tokenizer", "Model", "Subscription", "Queue", "ForwardFuture", "ForwardRequest",
     "SampleSpec", "DistributionSpec", "LogprobsSpec", "OutputRequest", "OutputRequestSample",
     "OutputRequestDistribution", "OutputRequestLogprobs", "Output", "OutputToken",
-    "OutputDistribution", "OutputLogprobs", "BINDINGS",
+    "OutputDistribution", "OutputLogprobs", "Matcher", "BINDINGS",
 ]
