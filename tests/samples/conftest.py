@@ -31,6 +31,9 @@ BUILT = TEST_PIE_HOME / "samples"
 SAMPLE_NAMES = (
     "chat", "beam_search", "speculative_decoding", "prefix_caching", "attention_sink",
     "output_validation",
+    "tree_of_thought", "skeleton_of_thought", "watermarking", "hierarchical_attention", "agent_react",
+    "agent_swarm", "kv_store", "messaging", "jacobi_decoding", "windowed_attention",
+    "graph_of_thought", "recursion_of_thought",
 )
 
 # Random Mistral weights: its greedy output changes with the context (the

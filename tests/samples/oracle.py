@@ -81,3 +81,18 @@ class Oracle:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def top(self, prompt: Sequence[int], k: int) -> list[int]:
+        """The k most likely next tokens after `prompt` (prefilled causally), most likely first."""
+        from engine_jax.batch import Distribution, ForwardRequest
+
+        engine, ps = self.engine, self.engine.page_size
+        pages = engine.pool.alloc(-(-len(prompt) // ps))
+        try:
+            req = ForwardRequest(tokens=list(prompt), positions=list(range(len(prompt))), pages=list(pages),
+                                 last_page_len=len(prompt) - (len(pages) - 1) * ps, mask=None,
+                                 outputs=[Distribution(index=len(prompt) - 1, k=k)])
+            ids, _ = engine.step([req])[0][0]
+        finally:
+            engine.pool.free(pages)
+        return [int(t) for t in ids]
