@@ -42,6 +42,9 @@ TICK_SECONDS = 0.01
 # Most epoch ticks between two checks: bounds how late a terminate takes effect.
 MAX_TICKS_BETWEEN_CHECKS = 10
 DEFAULT_MEMORY_BYTES = 1 << 30
+# How long a normally ended instance's queued commands may still run before
+# the rest are cancelled (its last frees and exports must not be lost).
+DRAIN_SECONDS = 60.0
 
 RUN_INTERFACE = "pie:inferlet/run@0.1.0"
 
@@ -200,6 +203,7 @@ class Instance:
         store: wasmtime.Store | None = None
         outcome: InstanceOutcome
         started = False
+        outcome_ok = False
         try:
             store = wasmtime.Store(self.host.wasm_engine)
             if self.limits.memory_bytes is not None:
@@ -212,6 +216,7 @@ class Instance:
             run = _run_function(instance, store)
             result = run(store)
             outcome = self._outcome_of_result(result)
+            outcome_ok = outcome.ok
         except WasmtimeError as e:
             status = self._stop_status or ("trap" if started else "start-failed")
             if ctx.stopped.done() and self._stop_status is None:
@@ -226,7 +231,7 @@ class Instance:
         finally:
             for sink in sinks:
                 sink.flush()
-            ctx.close()
+            ctx.close(drain_seconds=DRAIN_SECONDS if outcome_ok else 0.0)
             bind_context(None)
             if store is not None:
                 store.close()

@@ -142,6 +142,11 @@ class Scheduler:
     def add_queue(self, queue: CommandQueue) -> None:
         self.queues[queue.id] = queue
 
+    def instance_busy(self, instance_id: str) -> bool:
+        """Whether the instance has commands queued or in flight."""
+        return (any(q.commands for q in self.queues.values() if q.instance_id == instance_id)
+                or any(p.instance_id == instance_id for p in self._inflight))
+
     def cancel_instance(self, instance_id: str) -> list[Future]:
         """Drops the instance's queues; returns the futures of its pending and
         in-flight commands for the caller to fail once it has released the lock."""

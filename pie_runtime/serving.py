@@ -17,6 +17,7 @@ back into the core (they run on the engine thread: keep them short).
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
@@ -135,6 +136,22 @@ class ServingCore:
         error = PieError.closed(f"instance {instance_id!r} {reason}")
         for future in cancelled:
             settle(future, error=error)
+
+    def drain_instance(self, instance_id: str, timeout: float) -> bool:
+        """Waits until every command the instance queued has taken effect.
+
+        An inferlet that returns normally may end on fire-and-forget commands
+        (a persistent export, frees): they were issued, so they must run before
+        `close_instance` cancels what is left. False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._scheduler.instance_busy(instance_id):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # Short waits: not every command completion notifies this condition.
+                self._cv.wait(min(remaining, 0.01))
+        return True
 
     def instance(self, instance_id: str) -> "InstanceState":
         with self._cv:

@@ -263,13 +263,23 @@ class InstanceContext:
                 pass
 
     # ---------------------------------------------------------------- teardown
-    def close(self) -> None:
-        """Releases everything the instance holds: KV pages, queues, subscriptions, futures."""
+    def close(self, drain_seconds: float = 0.0) -> None:
+        """Releases everything the instance holds: KV pages, queues, subscriptions, futures.
+
+        With `drain_seconds` (a normal return) the commands the instance
+        already queued run first, for up to that long, so its last frees and
+        exports are not lost; after an error or a kill they are cancelled."""
         with self._states_lock:
             if self._closed:
                 return
             self._closed = True
             states, self._states = list(self._states), {}
+        if drain_seconds > 0:
+            for model_name in states:
+                served = self.host.models.get(model_name)
+                if served is not None and not served.core.drain_instance(self.instance_id, drain_seconds):
+                    log.warning("instance %s: queued commands still pending after %.0fs; cancelling them",
+                                self.instance_id, drain_seconds)
         for kind, obj in self.table.drain():
             _on_drop(kind, obj)
         for sub in list(self.subscriptions):

@@ -322,3 +322,13 @@ def test_kvstore_and_broker_units():
     with pytest.raises(PieError) as e:
         s1.next().result(1)
     assert e.value.code == "closed"
+
+
+def test_commands_queued_before_a_normal_return_still_take_effect(host, probe, core):
+    # The guest enqueues a forward and a persistent export and returns without
+    # waiting: the export must still be published once the forward has run.
+    exporter = launch(host, probe, "export_and_return", "last-words")
+    assert exporter.wait(120).ok, exporter.wait().describe()
+    imported = _ok_json(launch(host, probe, "import", "last-words").wait(120))
+    assert imported == {"pages": 1, "last_page_len": 3}
+    _assert_pool_restored(core)

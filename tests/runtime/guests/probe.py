@@ -149,6 +149,26 @@ def mode_hold_pages(args):
     return "held"
 
 
+def mode_export_and_return(args):
+    """Fills a page, exports it persistently and returns at once, without
+    waiting: the host must still run what was queued before the return."""
+    q = _open().create_queue(0)
+    page = q.allocate_pages(1)[0]
+    tokens = [1, 2, 3]
+    q.forward(inference.ForwardRequest(tokens=tokens, positions=[0, 1, 2], pages=[page],
+                                       last_page_len=3, mask=None, outputs=[]))
+    q.export_pages(args[0], [page], 3, True)
+    return "exported"
+
+
+def mode_import(args):
+    q = _open().create_queue(0)
+    pages, last = q.import_pages(args[0])
+    q.unexport(args[0])  # leaves the pool as the test found it
+    q.synchronize().get()
+    return json.dumps({"pages": len(pages), "last_page_len": last})
+
+
 def mode_trap(args):
     raise RuntimeError("deliberate failure in the guest")
 
