@@ -46,7 +46,7 @@ from wasmtime import WasmtimeError
 from wasmtime.component import Linker, Record, ResourceHost, ResourceType
 
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
-from pie_runtime import component_cache, grammar
+from pie_runtime import component_cache, grammar, host_calls
 from pie_runtime.errors import PieError
 from pie_runtime.kvstore import KVStore, NamespacedKV
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
@@ -861,6 +861,7 @@ def bound_function_names() -> list[str]:
 
 def build_linker(engine: wasmtime.Engine) -> Linker:
     """A linker with WASI p2 and every function of the `inferlet` world."""
+    host_calls.cache_compound_types()
     linker = Linker(engine)
     linker.add_wasip2()
     with linker.root() as root:
@@ -869,7 +870,7 @@ def build_linker(engine: wasmtime.Engine) -> Linker:
                 for res_name, kind in resources:
                     inst.add_resource(res_name, ResourceType.host(int(kind)), _dtor)
                 for name, fn, returns_result in functions:
-                    inst.add_func(name, _bind(fn, returns_result, name))
+                    host_calls.add_func(inst, name, _bind(fn, returns_result, name))
     return linker
 
 

@@ -270,6 +270,17 @@ def mode_churn(args):
     return messaging.receive().get()
 
 
+def mode_calls(args):
+    """Makes many cheap host calls (records, lists, resources): a host-call cost probe."""
+    m = _open()
+    tok = m.tokenizer()
+    for _ in range(int(args[0])):
+        tok.encode("The capital of France is")
+        m.info()
+        runtime.instance_id()
+    return "done"
+
+
 def mode_runtime(args):
     return {"version": runtime.version(), "instance_id": runtime.instance_id(),
             "arguments": runtime.arguments(), "models": runtime.models()}
