@@ -14,9 +14,13 @@ wasmtime-py's type classes for the whole process, so the baseline runs first
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
+
+# The probe guest and the tiny model builder live in the test tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_jax.engine import Engine
 from pie_runtime import host_calls
