@@ -30,6 +30,7 @@ CAPABILITIES: dict[str, str] = {
     "persistent-exports": "export KV pages that outlive the instance",
     "filesystem": "read files the operator maps into the sandbox",
     "network": "open network connections",
+    "launch": "start child instances of itself or of programs the operator registered",
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")

@@ -41,6 +41,12 @@ capabilities:
   An inferlet gets no files and no network unless it declares the capability
   and you allow it: --allow net,fs:/data (fs:DIR is mounted at the same path).
 
+child instances:
+  An inferlet that declares the "launch" capability may start children of
+  itself, or of a program registered with --program NAME=PATH (repeatable;
+  .wasm or .py like PROGRAM), by NAME. Children are terminated when their
+  parent ends; what they send is printed prefixed with "[CHILD-ID] ".
+
 exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
 """
 
@@ -72,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="linear memory limit per instance in MiB (default 1024)")
     p.add_argument("--namespace", default="default",
                    help="user namespace for the key-value store and exports (default 'default')")
+    p.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
+                   help="register another program (.wasm or .py) that instances may launch by NAME (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
     return p
 
@@ -139,6 +147,32 @@ def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
     return path
 
 
+def _registered_programs(specs: Sequence[str], allow: Any, console: _Console,
+                         scratch: Path) -> list[tuple[str, Path, Any | None, Any]]:
+    """--program NAME=PATH values as (name, built component, manifest, grant)."""
+    from pie_runtime.wasm_host import Capabilities
+
+    programs, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--program {spec!r}: expected NAME=PATH")
+        if name in seen:
+            raise ValueError(f"--program {name!r} is given twice")
+        seen.add(name)
+        try:
+            wasm = _resolve_program(Path(path), console, scratch / "programs" / name)
+        except FileNotFoundError as e:
+            raise ValueError(f"--program {name}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a failed build is a usage error with its message
+            raise ValueError(f"--program {name}: cannot build {path}: {e}") from None
+        manifest = _read_manifest(wasm, console)
+        grant = allow.grant(manifest.capabilities) if manifest is not None else Capabilities()
+        programs.append((name, wasm, manifest, grant))
+    return programs
+
+
 def _read_manifest(wasm: Path, console: _Console) -> Any | None:
     """The inferlet's declared manifest, or None for a component built without one
     (arguments then pass through unchecked and no capability is granted)."""
@@ -193,6 +227,7 @@ def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console,
     try:
         allow = Capabilities.parse(args.allow)
         wasm = _resolve_program(Path(args.program), console, scratch)
+        programs = _registered_programs(args.programs, allow, console, scratch)
     except (ValueError, FileNotFoundError) as e:
         console.error(f"pie-run: {e}")
         return EXIT_USAGE
@@ -219,20 +254,23 @@ def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console,
         inferlet_args = inferlet_argv
         grant = Capabilities()
         program_name = wasm.stem
-    return _run(args, wasm, inferlet_args, grant, program_name, console, stdin)
+    return _run(args, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
 
 
-def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: Any,
-         program_name: str, console: _Console, stdin: TextIO) -> int:
+def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: Any, program_name: str,
+         manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
+         stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
     from pie_runtime.instance import Instance, InstanceLimits
     from pie_runtime.messaging import ClientChannel
     from pie_runtime.serving import ServingCore
-    from pie_runtime.wasm_host import Host, ServedModel
+    from pie_runtime.wasm_host import Host, Program, ServedModel
 
     cache = default_cache()
     component = cache.load(wasm)
     console.log(f"pie-run: component {wasm.name} {cache.stats.last_source} in {cache.stats.last_seconds * 1000:.0f} ms")
+    registered = [Program(name, cache.load(path), program_manifest, program_grant)
+                  for name, path, program_manifest, program_grant in programs]
     try:
         loaded, engine = _load_model(args, console)
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop
@@ -241,6 +279,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
 
     core = ServingCore(engine, policy=args.batching).start()
     host = Host([ServedModel(loaded.name, engine, core)], guest_output=console.guest_output)
+    for program in registered:
+        host.register_program(program)
     limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
     many = args.instances > 1
 
@@ -250,7 +290,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
         instances.append(Instance(host, component, arguments=inferlet_args, client=client,
                                   namespace=args.namespace, limits=limits, grant=grant,
-                                  program_name=program_name))
+                                  program_name=program_name, manifest=manifest))
 
     reader = threading.Thread(target=_pump_stdin, args=(stdin, instances), name="pie-stdin", daemon=True)
     previous_handler = _install_sigint(instances)

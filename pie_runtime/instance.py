@@ -14,6 +14,13 @@ Limits:
   in a host wait (forward pass, receive) does not count. The callback also
   stops an instance that was asked to terminate.
 
+Children (`runtime.launch`): an instance with the `launch` capability may
+start child instances of its own program or of one the operator registered.
+Children get the parent's namespace and limits; what they send goes to the
+parent's client. Whatever ends the parent, it terminates its running children
+and waits for them before it reports its own outcome (structured
+concurrency), so a parent's outcome means its whole tree has ended.
+
 Whatever ends an instance (return, error, trap, limit, terminate), its
 serving-core state, subscriptions and futures are released in `finally`.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import itertools
+import logging
 import re
 import threading
 import time
@@ -35,8 +43,11 @@ from wasmtime import WasmtimeError
 from wasmtime import _bindings, _ffi as ffi
 from wasmtime.component import Component
 
+from pie_runtime.errors import PieError
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host, InstanceContext, bind_context, make_wasi
+from pie_runtime.wasm_host import Capabilities, Host, InstanceContext, Program, bind_context, make_wasi
+
+log = logging.getLogger("pie_runtime.instance")
 
 TICK_SECONDS = 0.01
 # Most epoch ticks between two checks: bounds how late a terminate takes effect.
@@ -45,6 +56,11 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 # How long a normally ended instance's queued commands may still run before
 # the rest are cancelled (its last frees and exports must not be lost).
 DRAIN_SECONDS = 60.0
+# runtime.launch limits: a runaway recursion must hit a wall, not the page pool.
+MAX_CHILDREN = 64  # live children of one instance
+MAX_LAUNCH_DEPTH = 4  # levels of children below a client-launched instance
+# How long an ending parent waits for its terminated children to finish their teardown.
+CHILD_STOP_SECONDS = 30.0
 
 RUN_INTERFACE = "pie:inferlet/run@0.1.0"
 
@@ -155,6 +171,8 @@ class Instance:
         grant: Capabilities = Capabilities(),
         page_quota: int | None = None,
         program_name: str = "inferlet",
+        manifest: Any | None = None,
+        depth: int = 0,
     ) -> None:
         self.host = host
         self.component = component
@@ -164,6 +182,12 @@ class Instance:
         self.grant = grant
         self.program_name = program_name
         self.context = InstanceContext(host, self.instance_id, arguments, self.client, namespace, page_quota)
+        # What `launch("")` starts: this instance's own program, as declared.
+        self.program = Program(program_name, component, manifest, grant)
+        self.depth = depth  # 0 = launched by a client, 1 = its child, ...
+        self.children: list[Instance] = []  # live ones, and ended ones until the next launch
+        self._children_lock = threading.Lock()
+        self.context.launcher = self._launch_child
         self.outcome: cf.Future[InstanceOutcome] = cf.Future()
         self.launched_at: float | None = None
         self._thread: threading.Thread | None = None
@@ -231,6 +255,7 @@ class Instance:
         finally:
             for sink in sinks:
                 sink.flush()
+            self._end_children()
             ctx.close(drain_seconds=DRAIN_SECONDS if outcome_ok else 0.0)
             bind_context(None)
             if store is not None:
@@ -240,6 +265,52 @@ class Instance:
         outcome.wall_seconds = time.perf_counter() - wall_start
         outcome.host_calls = ctx.host_calls
         self.outcome.set_result(outcome)
+
+    # ------------------------------------------------------------------ children
+    def _launch_child(self, program: str, arguments: Sequence[str]) -> cf.Future:
+        """runtime.launch: starts a child; a future of its result string (or PieError)."""
+        if not self.grant.launch:
+            raise PieError.unsupported(
+                f"{self.program_name} does not declare the 'launch' capability "
+                "(inferlet.declare(..., capabilities=['launch']))")
+        if self.depth >= MAX_LAUNCH_DEPTH:
+            raise PieError.unsupported(
+                f"launch depth limit: this instance is {self.depth} levels below a client-launched one, "
+                f"and children may go at most {MAX_LAUNCH_DEPTH} levels deep")
+        target = self.program if program == "" else self.host.program(program)
+        arguments = target.check_arguments(arguments)
+        child_id = new_instance_id()
+        parent_client = self.client
+        # The child has no client of its own: it talks through the parent's.
+        client = ClientChannel(on_send=lambda message: parent_client.send(f"[{child_id}] {message}"))
+        client.close_input()
+        with self._children_lock:
+            self.children = [c for c in self.children if not c.outcome.done()]
+            if len(self.children) >= MAX_CHILDREN:
+                raise PieError.out_of_memory(
+                    f"this instance already has {MAX_CHILDREN} running children (the most allowed); "
+                    "wait for one to finish")
+            child = Instance(self.host, target.component, arguments=arguments, instance_id=child_id,
+                             client=client, namespace=self.context.namespace, limits=self.limits,
+                             grant=target.grant, page_quota=self.context.page_quota,
+                             program_name=target.name, manifest=target.manifest, depth=self.depth + 1)
+            self.children.append(child)
+        result: cf.Future = cf.Future()
+        child.outcome.add_done_callback(lambda done: _resolve_child_result(result, done.result()))
+        child.start()
+        return result
+
+    def _end_children(self) -> None:
+        """Terminates the children still running and waits until they have released everything."""
+        with self._children_lock:
+            children = [c for c in self.children if not c.outcome.done()]
+        for child in children:
+            child.terminate(f"its parent {self.instance_id} ended")
+        cf.wait([child.outcome for child in children], timeout=CHILD_STOP_SECONDS)
+        for child in children:
+            if not child.outcome.done():
+                log.warning("instance %s: child %s still running %.0fs after termination",
+                            self.instance_id, child.instance_id, CHILD_STOP_SECONDS)
 
     def _outcome_of_result(self, result: Any) -> InstanceOutcome:
         # result<string, string>: both cases are strings, so wasmtime-py tags it.
@@ -289,6 +360,15 @@ class Instance:
             message = f"deadline check failed: {e}"
         err = ffi.wasmtime_error_new(message.encode("utf-8"))
         return ctypes.cast(err, ctypes.c_void_p).value or 0
+
+
+def _resolve_child_result(result: cf.Future, outcome: InstanceOutcome) -> None:
+    """A child's outcome as what its parent's `launch` future resolves to."""
+    if outcome.ok:
+        result.set_result(outcome.value or "")
+        return
+    code = "closed" if outcome.status == "terminated" else "internal"
+    result.set_exception(PieError(code, f"child {outcome.instance_id} {outcome.status}: {outcome.error}"))
 
 
 def _run_function(instance: Any, store: wasmtime.Store) -> Any:

@@ -85,6 +85,9 @@ class Capabilities:
 
     net: bool = False
     fs: tuple[str, ...] = ()  # host directories, preopened at the same path inside the guest
+    # runtime.launch. Granted on the declaration alone: children run on this
+    # server under the parent's limits, and only programs the operator registered.
+    launch: bool = False
 
     @classmethod
     def parse(cls, spec: str | None) -> "Capabilities":
@@ -107,11 +110,15 @@ class Capabilities:
 
     def grant(self, declared: Iterable[str]) -> "Capabilities":
         """What an inferlet declaring `declared` actually gets: never more than either side."""
-        kinds = {str(d).split(":", 1)[0].strip() for d in declared}
-        return Capabilities(net=self.net and "net" in kinds, fs=self.fs if "fs" in kinds else ())
+        # Manifests name them "network"/"filesystem" (inferlet_toolchain.manifest);
+        # the operator's --allow uses the short forms.
+        aliases = {"network": "net", "filesystem": "fs"}
+        kinds = {aliases.get(k, k) for k in (str(d).split(":", 1)[0].strip() for d in declared)}
+        return Capabilities(net=self.net and "net" in kinds, fs=self.fs if "fs" in kinds else (),
+                            launch="launch" in kinds)
 
     def describe(self) -> str:
-        parts = (["net"] if self.net else []) + [f"fs:{d}" for d in self.fs]
+        parts = (["net"] if self.net else []) + [f"fs:{d}" for d in self.fs] + (["launch"] if self.launch else [])
         return ",".join(parts) or "none"
 
 
@@ -137,6 +144,29 @@ class ServedModel:
     @property
     def page_size(self) -> int:
         return int(self.engine.page_size)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A component instances may launch (`runtime.launch`), with what it declared.
+
+    `manifest` is duck-typed (inferlet_toolchain.manifest.Manifest: `parse_cli`)
+    so this layer does not import the toolchain; None for a component built
+    without one (its arguments pass through unchecked)."""
+
+    name: str
+    component: Any  # wasmtime.component.Component
+    manifest: Any | None = None
+    grant: Capabilities = Capabilities()
+
+    def check_arguments(self, arguments: Sequence[str]) -> list[str]:
+        """The canonical argument list, or `invalid-argument` with the manifest's reason."""
+        if self.manifest is None:
+            return list(arguments)
+        try:
+            return list(self.manifest.parse_cli(list(arguments)))
+        except Exception as e:  # ArgumentError, or HelpRequested whose message is the usage text
+            raise PieError.invalid(f"arguments for {self.name!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------- resources
@@ -230,6 +260,9 @@ class InstanceContext:
         # The guest's last stderr lines: a Python guest prints its traceback
         # there before it traps, which makes the outcome's error readable.
         self.stderr_tail: deque[str] = deque(maxlen=64)
+        # Starts a child instance (program name, arguments) -> future of its
+        # result; set by the Instance, which knows its program and limits.
+        self.launcher: Callable[[str, Sequence[str]], cf.Future] | None = None
         self._closed = False
 
     # ---------------------------------------------------------------- serving core
@@ -418,6 +451,20 @@ class Host:
         self.wasm_engine = wasm_engine if wasm_engine is not None else component_cache.shared_engine()
         self.version = version
         self.linker = build_linker(self.wasm_engine)
+        # Programs instances may launch by name (pie-run --program NAME=PATH).
+        self.programs: dict[str, Program] = {}
+
+    def register_program(self, program: Program) -> None:
+        if not program.name:
+            raise ValueError("a registered program needs a name ('' means the caller's own program)")
+        self.programs[program.name] = program
+
+    def program(self, name: str) -> Program:
+        found = self.programs.get(name)
+        if found is None:
+            raise PieError.not_found(f"no program {name!r} is registered with this server; "
+                                     f"registered: {sorted(self.programs)}")
+        return found
 
     def model(self, name: str) -> ServedModel:
         served = self.models.get(name)
@@ -503,6 +550,12 @@ def _pollable_futures(ctx: InstanceContext, store: Any, handles: Sequence[Any]) 
         # The guest gave the handle away: it is ours to forget (no destructor call comes).
         ctx.table.pop(rep)
     return futures
+
+
+def _runtime_launch(ctx, store, program, arguments):
+    if ctx.launcher is None:
+        raise PieError.unsupported("this instance cannot launch children")
+    return _own(ctx, Kind.FUTURE_STRING, HostFuture(ctx.launcher(program, list(arguments))))
 
 
 def _runtime_poll(ctx, store, handles, timeout_ms):
@@ -796,6 +849,7 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("arguments", _runtime_arguments, False),
             ("models", _runtime_models, False),
             ("poll", _runtime_poll, False),
+            ("launch", _runtime_launch, True),
         ),
     ),
     "messaging": (

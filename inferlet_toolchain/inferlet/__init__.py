@@ -44,6 +44,8 @@ _GUEST = {
     "version": "host",
     "instance_id": "host",
     "arguments": "host",
+    "launch": "host",
+    "launch_async": "host",
     "send": "host",
     "receive": "host",
     "receive_async": "host",

@@ -1,4 +1,4 @@
-"""Runtime facts, client messaging, broadcast topics and the key-value store.
+"""Runtime facts, child instances, client messaging, broadcast topics and the key-value store.
 
 Thin wrappers over the `runtime`, `messaging` and `kvstore` interfaces with
 async variants for waiting. Guest-only: imports the bindings.
@@ -6,7 +6,7 @@ async variants for waiting. Guest-only: imports the bindings.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from . import raw
 from .errors import InferletError
@@ -26,6 +26,21 @@ def instance_id() -> str:
 def arguments() -> list[str]:
     """The raw (already validated, canonical) argument list."""
     return list(raw.runtime.arguments())
+
+
+def launch(arguments: Sequence[str] = (), program: str = "") -> str:
+    """Runs a child instance to completion and returns its result string.
+
+    `program` "" is this inferlet itself; another name must be a program the
+    operator registered (`pie-run --program NAME=PATH`). Needs the "launch"
+    capability. InferletError when the launch is refused or the child fails.
+    """
+    return _take(call(raw.runtime.launch, program, list(arguments)))
+
+
+async def launch_async(arguments: Sequence[str] = (), program: str = "") -> str:
+    """`launch` that lets other tasks run meanwhile: gather several to run children concurrently."""
+    return await _take_async(call(raw.runtime.launch, program, list(arguments)))
 
 
 def send(message: str) -> None:

@@ -64,6 +64,7 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("runtime", None, "arguments"): runtime.arguments,
     ("runtime", None, "models"): runtime.models,
     ("runtime", None, "poll"): runtime.poll,
+    ("runtime", None, "launch"): runtime.launch,
     ("messaging", None, "send"): messaging.send,
     ("messaging", None, "receive"): messaging.receive,
     ("messaging", None, "broadcast"): messaging.broadcast,

@@ -299,6 +299,11 @@ def test_capabilities_need_both_the_operator_and_the_manifest(tmp_path):
     assert allow.grant(["net"]) == Capabilities(net=True)
     assert allow.grant(["fs", "net"]) == Capabilities(net=True, fs=(str(tmp_path.resolve()),))
     assert Capabilities.parse("").grant(["net", "fs"]) == Capabilities()
+    # The names a manifest may declare (pie-build checks them) grant the same.
+    from inferlet_toolchain.manifest import CAPABILITIES
+
+    assert {"network", "filesystem"} <= set(CAPABILITIES)
+    assert allow.grant(["network", "filesystem"]) == allow.grant(["net", "fs"])
     with pytest.raises(ValueError, match="unknown capability"):
         Capabilities.parse("gpu")
     with pytest.raises(ValueError, match="not a directory"):

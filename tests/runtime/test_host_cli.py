@@ -47,7 +47,7 @@ def test_help_describes_the_options():
     code, out, _ = pie_run(["--help"])
     assert code == 0
     for option in ("PROGRAM", "--model", "--page-size", "--kv-pages", "--instances", "--batching",
-                   "--allow", "--cpu-limit", "--memory-limit", "-- --help"):
+                   "--allow", "--cpu-limit", "--memory-limit", "--program NAME=PATH", "-- --help"):
         assert option in out
 
 
@@ -55,6 +55,10 @@ def test_usage_errors_exit_2(tmp_path):
     assert pie_run([tmp_path / "missing.wasm"])[0] == 2
     code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "teleport"])
     assert code == 2 and "unknown capability" in err
+    code, _, err = pie_run([REPO / "pyproject.toml", "--program", "no-path"])
+    assert code == 2 and "expected NAME=PATH" in err
+    code, _, err = pie_run([REPO / "pyproject.toml", "--program", f"x={tmp_path / 'missing.wasm'}"])
+    assert code == 2 and "--program x: no such program" in err
     assert pie_run(["x.wasm", "--instances", "0"])[0] == 2
 
 
@@ -116,3 +120,43 @@ def test_pie_run_as_a_process_with_real_pipes(probe_wasm, tiny_llama_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["PING", "echoed 1"]
+
+
+SPAWNER = REPO / "tests" / "runtime" / "guests" / "spawner.py"
+
+
+def _children_messages(out: str) -> tuple[dict[str, str], list[str]]:
+    """Child id -> its message, from `[CHILD-ID] message` lines; and the other lines."""
+    tagged, rest = {}, []
+    for line in out.splitlines():
+        if line.startswith("[") and "] " in line:
+            child, message = line[1:].split("] ", 1)
+            tagged[child] = message
+        else:
+            rest.append(line)
+    return tagged, rest
+
+
+@pytest.mark.slow
+def test_an_sdk_inferlet_launches_children_of_itself(tiny_llama_dir):
+    """inferlet.launch / launch_async through pie-run: results in launch order, messages tagged."""
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--children", "3"])
+    assert code == 0, err
+    tagged, rest = _children_messages(out)
+    assert sorted(tagged.values()) == ["leaf 0", "leaf 1", "leaf 2", "leaf 3"] and len(tagged) == 4
+    assert rest == [json.dumps(["tag-0", "tag-1", "tag-2", "tag-3"])]
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--child-args", "--tag"])
+    assert code == 1 and "invalid-argument" in err and "--tag" in err
+
+
+@pytest.mark.slow
+def test_registered_programs_can_be_launched_by_name(probe_wasm, tiny_llama_dir):
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--program", f"probe={probe_wasm}",
+                              "--", "--program", "probe", "--children", "2", "--child-args", "say hi-{i}"])
+    assert code == 0, err
+    tagged, rest = _children_messages(out)
+    assert len(rest) == 1
+    child_ids = json.loads(rest[0])
+    assert tagged == {cid: f"hi-{i}" for i, cid in enumerate(child_ids)}
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--program", "probe"])
+    assert code == 1 and "not-found" in err and "'probe'" in err

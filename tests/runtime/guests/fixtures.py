@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from pie_runtime.component_cache import ComponentCache
 from pie_runtime.instance import Instance, InstanceLimits, InstanceOutcome
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Host
+from pie_runtime.wasm_host import Capabilities, Host
 from tests.runtime.guests.build import build_guest
 
 # A PIE_HOME for tests, kept across sessions: precompiled components and
@@ -36,9 +36,10 @@ def load_guest(cache: ComponentCache, name: str) -> Any:
 
 
 def launch(host: Host, component: Any, *args: str, client: ClientChannel | None = None,
-           namespace: str = "default", limits: InstanceLimits | None = None) -> Instance:
+           namespace: str = "default", limits: InstanceLimits | None = None,
+           grant: Capabilities = Capabilities()) -> Instance:
     return Instance(host, component, arguments=list(args), client=client, namespace=namespace,
-                    limits=limits).start()
+                    limits=limits, grant=grant).start()
 
 
 def run(host: Host, component: Any, *args: str, timeout: float = 120.0, **kw: Any) -> InstanceOutcome:

@@ -286,6 +286,80 @@ def mode_runtime(args):
             "arguments": runtime.arguments(), "models": runtime.models()}
 
 
+def _launch_outcome(program, arguments):
+    """{"result": ...} from a child run to completion, or {"code", "message"} of a refused launch or failed child."""
+    try:
+        return {"result": runtime.launch(program, arguments).get()}
+    except Err as e:
+        return {"code": e.value.code.name.lower().replace("_", "-"), "message": e.value.message}
+
+
+def mode_launch_one(args):
+    """Launches program args[0] ("" = the probe itself) with args[1:] and waits for it."""
+    return _launch_outcome(args[0], args[1:])
+
+
+def mode_launch_self(args):
+    """Launches N children of the probe at once ("{i}" in their arguments becomes the
+    child's index), waits for all of them with poll, returns their results in launch order."""
+    n, child = int(args[0]), args[1:]
+    futures = [runtime.launch("", [a.replace("{i}", str(i)) for a in child]) for i in range(n)]
+    pending = list(range(n))
+    polls = 0
+    while pending:
+        ready = runtime.poll([futures[i].pollable() for i in pending], None)
+        pending = [i for j, i in enumerate(pending) if j not in ready]
+        polls += 1
+    results = []
+    for f in futures:
+        try:
+            results.append(f.get())
+        except Err as e:
+            results.append({"code": e.value.code.name.lower().replace("_", "-"), "message": e.value.message})
+    return {"results": results, "polls": polls}
+
+
+def mode_launch_many(args):
+    """Launches up to N children (args[1:]) without waiting for them, stops at the first
+    refusal, then waits for a client message (or termination) before returning."""
+    n, child = int(args[0]), args[1:]
+    futures, refused = [], None
+    for _ in range(n):
+        try:
+            futures.append(runtime.launch("", child))
+        except Err as e:
+            refused = {"code": e.value.code.name.lower().replace("_", "-"), "message": e.value.message}
+            break
+    kvstore.set(f"launched/{runtime.instance_id()}", str(len(futures)))
+    messaging.receive().get()
+    return {"started": len(futures), "refused": refused}
+
+
+def mode_deep(args):
+    """Each level launches the next until a launch is refused; that level reports it."""
+    level = int(args[0]) if args else 0
+    outcome = _launch_outcome("", ["deep", str(level + 1)])
+    if "result" in outcome:
+        return outcome["result"]
+    return {"level": level, **outcome}
+
+
+def mode_say(args):
+    """Sends each argument to the client; returns this instance's id."""
+    for text in args:
+        messaging.send(text)
+    return runtime.instance_id()
+
+
+def mode_park(args):
+    """Optionally holds N pages, marks itself parked in the kvstore, then waits until terminated."""
+    if args:
+        _open().create_queue(0).allocate_pages(int(args[0]))
+    sub = messaging.subscribe(f"never/{runtime.instance_id()}")
+    kvstore.set(f"parked/{runtime.instance_id()}", "1")
+    return sub.next().get()
+
+
 MODES = {name[5:]: fn for name, fn in globals().items() if name.startswith("mode_")}
 
 
