@@ -400,7 +400,10 @@ class Context:
         dropped_positions = self.positions[-count:]
         del self.tokens[-count:]
         del self.positions[-count:]
-        self.next_position = min(dropped_positions)
+        # The next token follows the last one kept. (Not the smallest dropped
+        # position: after a tree pass, dropped sibling branches can sit at
+        # positions below the kept ones.)
+        self.next_position = self.positions[-1] + 1 if self.positions else min(dropped_positions)
         keep = -(-self.kv_len // self.page_size)
         if keep < len(self.pages):
             extra, self.pages = self.pages[keep:], self.pages[:keep]
