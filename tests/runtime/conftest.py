@@ -33,3 +33,27 @@ def serving_core(runtime_engine) -> Iterator[ServingCore]:
     finally:
         core.stop()
     assert runtime_engine.pool.num_free == runtime_engine.num_pages
+
+
+# Shared by the Wasm host tests (test_host*.py): the probe guest and a serving
+# core on the tiny model with the guests' page size, one per test module.
+@pytest.fixture(scope="module")
+def probe():
+    from tests.runtime.guests.fixtures import component_cache, load_guest
+
+    return load_guest(component_cache(), "probe")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_model):
+    from engine_jax.engine import Engine
+    from tests.runtime.guests.fixtures import NUM_PAGES, PAGE_SIZE
+
+    return Engine(tiny_llama_model, page_size=PAGE_SIZE, num_pages=NUM_PAGES)
+
+
+@pytest.fixture(scope="module")
+def core(engine):
+    core = ServingCore(engine).start()
+    yield core
+    core.stop()

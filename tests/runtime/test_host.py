@@ -29,35 +29,12 @@ from pie_runtime.wasm_host import (
 from tests.runtime.guests.fixtures import (
     NUM_PAGES,
     PAGE_SIZE,
-    component_cache,
     engine_greedy,
     launch,
-    load_guest,
     run,
 )
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def probe():
-    return load_guest(component_cache(), "probe")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_model):
-    from engine_jax.engine import Engine
-
-    return Engine(tiny_llama_model, page_size=PAGE_SIZE, num_pages=NUM_PAGES)
-
-
-@pytest.fixture(scope="module")
-def core(engine):
-    from pie_runtime.serving import ServingCore
-
-    core = ServingCore(engine).start()
-    yield core
-    core.stop()
 
 
 @pytest.fixture(scope="module")

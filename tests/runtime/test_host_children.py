@@ -17,30 +17,9 @@ from inferlet_toolchain.manifest import Manifest
 from pie_runtime import instance as instance_module
 from pie_runtime.messaging import ClientChannel
 from pie_runtime.wasm_host import Capabilities, Host, Program, ServedModel
-from tests.runtime.guests.fixtures import NUM_PAGES, PAGE_SIZE, component_cache, engine_greedy, launch, load_guest
+from tests.runtime.guests.fixtures import NUM_PAGES, engine_greedy, launch
 
 LAUNCH = Capabilities(launch=True)
-
-
-@pytest.fixture(scope="module")
-def probe():
-    return load_guest(component_cache(), "probe")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_model):
-    from engine_jax.engine import Engine
-
-    return Engine(tiny_llama_model, page_size=PAGE_SIZE, num_pages=NUM_PAGES)
-
-
-@pytest.fixture(scope="module")
-def core(engine):
-    from pie_runtime.serving import ServingCore
-
-    core = ServingCore(engine).start()
-    yield core
-    core.stop()
 
 
 @pytest.fixture()

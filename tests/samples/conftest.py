@@ -114,3 +114,34 @@ def oracle(sample_model_dir: Path) -> Oracle:
     from tests.helpers.engine_models import load_test_model
 
     return Oracle(load_test_model(sample_model_dir))
+
+
+@pytest.fixture
+def server(sample_model_dir: Path):
+    """One long-lived server (serving core + host), as `pie-run` builds it, for
+    several runs one after another: exports and the key-value store live as long as it."""
+    from engine_jax.engine import Engine
+    from engine_jax.loader import load_model
+    from pie_runtime.serving import ServingCore
+    from pie_runtime.wasm_host import Host, ServedModel
+
+    loaded = load_model(str(sample_model_dir))
+    engine = Engine(loaded, page_size=PAGE_SIZE, num_pages=128)
+    core = ServingCore(engine).start()
+    try:
+        yield Host([ServedModel(loaded.name, engine, core)])
+    finally:
+        core.stop()
+
+
+def run_on(host: Any, component: Path, *args: str, timeout: float = 120) -> Any:
+    """Runs one instance of `component` on `host`; returns its JSON result."""
+    from pie_runtime.component_cache import default_cache
+    from pie_runtime.instance import Instance
+    from pie_runtime.messaging import ClientChannel
+
+    inst = Instance(host, default_cache().load(component), arguments=list(args),
+                    client=ClientChannel(on_send=lambda text: None)).start()
+    outcome = inst.wait(timeout)
+    assert outcome.ok, outcome.error
+    return json.loads(outcome.value)
