@@ -56,7 +56,7 @@ def samples_pie_home() -> Iterator[None]:
     mp.undo()
 
 
-def _build_and_precompile(name: str) -> Path:
+def build_and_precompile(name: str) -> Path:
     from inferlet_toolchain.build import build
 
     wasm = build(SAMPLES / f"{name}.py", BUILT / f"{name}.wasm", quiet=True)
@@ -70,7 +70,7 @@ def samples(samples_pie_home: None) -> dict[str, Path]:
     """name -> built component of every sample in SAMPLE_NAMES."""
     BUILT.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(SAMPLE_NAMES, pool.map(_build_and_precompile, SAMPLE_NAMES)))
+        return dict(zip(SAMPLE_NAMES, pool.map(build_and_precompile, SAMPLE_NAMES)))
 
 
 @dataclass

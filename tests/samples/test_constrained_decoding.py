@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.samples.conftest import MODEL_OPTS, _build_and_precompile
+from tests.samples.conftest import MODEL_OPTS, build_and_precompile
 
 SCHEMA = {
     "type": "object",
@@ -26,7 +26,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def component(samples_pie_home: None) -> Path:
-    return _build_and_precompile("constrained_decoding")
+    return build_and_precompile("constrained_decoding")
 
 
 def _results(run) -> list[str]:

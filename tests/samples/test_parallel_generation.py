@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.samples.conftest import _build_and_precompile
+from tests.samples.conftest import build_and_precompile
 
 PROMPT = "Once upon a time, in a land far"
 N, MAX_TOKENS = 3, 10
@@ -21,7 +21,7 @@ N, MAX_TOKENS = 3, 10
 
 @pytest.fixture(scope="module")
 def parallel_generation(samples_pie_home: None) -> Path:
-    return _build_and_precompile("parallel_generation")
+    return build_and_precompile("parallel_generation")
 
 
 def _stdout(run) -> str:

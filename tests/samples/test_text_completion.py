@@ -16,7 +16,7 @@ import pytest
 from engine_jax.engine import Engine
 from engine_jax.generate import generate
 from tests.helpers.engine_models import load_test_model
-from tests.samples.conftest import _build_and_precompile
+from tests.samples.conftest import build_and_precompile
 from tests.samples.oracle import PAGE_SIZE
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far"]
@@ -25,7 +25,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def text_completion(samples_pie_home: None) -> Path:
-    return _build_and_precompile("text_completion")
+    return build_and_precompile("text_completion")
 
 
 @pytest.fixture(scope="module")
