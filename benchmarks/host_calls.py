@@ -2,10 +2,12 @@
 
 A probe guest (tests/runtime/guests/probe.py, mode `calls`) makes 3*N cheap
 host calls (tokenizer encode, model info, instance id) on a tiny random model.
-The baseline arm binds the host functions with wasmtime-py's `add_func`; the
-second with `host_calls.add_func` and cached compound types. The cache patches
-wasmtime-py's type classes for the whole process, so the baseline runs first
-(the arms cannot be interleaved). Prints us per call and `ratio: X` last
+The baseline arm binds the host functions with wasmtime-py's `add_func` (its
+own conversions, new resources as `ResourceHost`); the second with
+`host_calls.add_func`, whose conversions are compiled once per type
+(`pie_runtime/wit_codecs.py`). The type cache patches wasmtime-py's classes
+for the whole process, so the baseline runs first (the arms cannot be
+interleaved). Prints us per call and `ratio: X` last
 (baseline / ours).
 
     PYTHONPATH=. .venv/bin/python benchmarks/host_calls.py [--calls N]
@@ -23,7 +25,9 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_jax.engine import Engine
-from pie_runtime import host_calls
+from wasmtime.component import ResourceHost
+
+from pie_runtime import host_calls, wasm_host
 from pie_runtime.serving import ServingCore
 from pie_runtime.wasm_host import Host, ServedModel
 from tests.helpers.engine_models import load_test_model
@@ -52,8 +56,12 @@ def main() -> None:
     probe = load_guest(component_cache(), "probe")
     try:
         plain = lambda inst, name, fn: inst.add_func(name, fn)  # noqa: E731
+        def resource_host(ctx, kind, obj):  # what wasmtime-py's own conversion accepts
+            return ResourceHost.own(ctx.table.insert(kind, obj), int(kind))
+
         with mock.patch.object(host_calls, "add_func", plain), \
-                mock.patch.object(host_calls, "cache_compound_types", lambda: None):
+                mock.patch.object(host_calls, "cache_compound_types", lambda: None), \
+                mock.patch.object(wasm_host, "_own", resource_host):
             baseline = us_per_call(Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None),
                                    probe, args.calls)
         ours = us_per_call(Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None),

@@ -191,28 +191,28 @@ class Engine:
         n = len(req.tokens)
         if n == 0:
             raise EngineInputError("tokens is empty: a forward request needs at least one new token")
-        tokens = _int_array(req.tokens, "tokens")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            bad = int(tokens[(tokens < 0) | (tokens >= c.vocab_size)][0])
+        tokens = _int_list(req.tokens, "tokens")
+        if min(tokens) < 0 or max(tokens) >= c.vocab_size:
+            bad = next(t for t in tokens if not 0 <= t < c.vocab_size)
             raise EngineInputError(f"token id {bad} is outside the vocabulary (0..{c.vocab_size - 1})")
         if len(req.positions) != n:
             raise EngineInputError(f"len(positions)={len(req.positions)} != len(tokens)={n}")
-        positions = _int_array(req.positions, "positions")
-        if positions.min() < 0 or positions.max() >= c.max_position_embeddings:
-            bad = int(positions[(positions < 0) | (positions >= c.max_position_embeddings)][0])
+        positions = _int_list(req.positions, "positions")
+        if min(positions) < 0 or max(positions) >= c.max_position_embeddings:
+            bad = next(p for p in positions if not 0 <= p < c.max_position_embeddings)
             raise EngineInputError(
                 f"position {bad} is outside 0..{c.max_position_embeddings - 1} (max_position_embeddings)"
             )
         if len(req.pages) == 0:
             raise EngineInputError("pages is empty: the new tokens need at least one page")
-        pages = _int_array(req.pages, "pages")
-        for p in pages.tolist():
+        pages = _int_list(req.pages, "pages")
+        for p in pages:
             if not 0 <= p < self.num_pages:
                 raise EngineInputError(f"page id {p} is out of range 0..{self.num_pages - 1}")
             if not self.pool.is_allocated(p):
                 raise EngineInputError(f"page {p} is not allocated")
-        if len(set(pages.tolist())) != len(pages):
-            raise EngineInputError(f"pages contains a page more than once: {pages.tolist()}")
+        if len(set(pages)) != len(pages):
+            raise EngineInputError(f"pages contains a page more than once: {list(pages)}")
         if not isinstance(req.last_page_len, (int, np.integer)) or not 1 <= req.last_page_len <= ps:
             raise EngineInputError(f"last_page_len={req.last_page_len!r} is not in 1..{ps} (page_size)")
         kv_len = req.sequence_length(ps)
@@ -267,13 +267,19 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, requests: Sequence[ForwardRequest]) -> list[list[OutputResult]]:
-        """One batched forward over all ``requests``; results per request, in order."""
-        for i, req in enumerate(requests):
-            try:
-                self.validate(req)
-            except EngineInputError as exc:
-                raise type(exc)(f"request {i}: {exc}") from None
+    def step(self, requests: Sequence[ForwardRequest], *, validated: bool = False) -> list[list[OutputResult]]:
+        """One batched forward over all ``requests``; results per request, in order.
+
+        ``validated=True`` skips the per-request checks for a caller that ran
+        ``validate`` on each request itself (the serving core does, at enqueue);
+        conflicts between requests (two writing one slot) are still caught.
+        """
+        if not validated:
+            for i, req in enumerate(requests):
+                try:
+                    self.validate(req)
+                except EngineInputError as exc:
+                    raise type(exc)(f"request {i}: {exc}") from None
         return self._run(requests)
 
     def _run(self, requests: Sequence[ForwardRequest]) -> list[list[OutputResult]]:
@@ -494,6 +500,14 @@ def _with_cpu_lm_head(params: Params) -> Params:
     if params.lm_head is not None or jax.default_backend() != "cpu":
         return params
     return dataclasses.replace(params, lm_head=jnp.transpose(params.embed).copy())
+
+
+def _int_list(values: Sequence[int], field: str) -> Sequence[int]:
+    """``values`` as plain Python ints (as given when they already are: the common,
+    per-token case costs no conversion), else through numpy with its checks."""
+    if isinstance(values, (list, tuple, range)) and all(type(v) is int for v in values):
+        return values
+    return _int_array(values, field).tolist()
 
 
 def _int_array(values: Sequence[int], field: str) -> np.ndarray:

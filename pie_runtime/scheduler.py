@@ -5,10 +5,12 @@ run every queue's non-forward head commands (free, copy, mask, export,
 synchronize) in queue order, return released pages to the pool, then ask the
 batching policy (`policies`) whether to fire a step over the ready forwards
 (at most one per queue). Forwards chosen for a step get copy-on-write for the
-pages they write, are translated to physical pages and validated one by one
-(a bad one fails alone); then the lock is released for the step itself, so
-instance threads keep enqueueing while the engine runs, and the futures are
-resolved, also with the lock released.
+pages they write and are translated to physical pages (a forward whose pages
+are gone fails alone; `Queue.forward` validated everything else at enqueue);
+then the lock is released for the step itself, so instance threads keep
+enqueueing while the engine runs, and the futures are resolved, also with
+the lock released. If the engine still rejects a batch, its forwards run one
+by one, fully validated, so only the bad one fails.
 
 Released pages go back to the pool only while no step is in flight (see
 `resources.PageManager`), so a page is never reused while a step writes into it.
@@ -39,6 +41,10 @@ from .commands import (
 from .errors import PieError
 from .policies import BatchPolicy, Pacing, Ready
 from .resources import PageManager
+
+# How long the engine thread pauses after resolving a step's futures, so the
+# woken instance threads get the GIL first (long enough for the OS to wake them).
+HANDOFF_SECONDS = 100e-6
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +114,12 @@ class Scheduler:
         self._last_step_latency: float | None = None
         self._stepping = False
         self._stopping = False
+        # The engine thread sleeps in a wait that ends by itself (see `pushed`).
+        self._bounded_wait = False
         self._thread: threading.Thread | None = None
+        # Never released: acquiring it with a timeout is a pause that gives up the GIL.
+        self._handoff = threading.Lock()
+        self._handoff.acquire()
 
     # ---- lifecycle (called without the lock) -------------------------------
     def start(self) -> None:
@@ -141,6 +152,30 @@ class Scheduler:
     # ---- called by the serving core with the lock held ----------------------
     def add_queue(self, queue: CommandQueue) -> None:
         self.queues[queue.id] = queue
+
+    def pushed(self, queue: CommandQueue, cmd: Any) -> None:
+        """Wakes the engine thread for a command just pushed (called with the lock held).
+
+        Under the adaptive policy the engine thread, after a step, sleeps (with
+        a bound) until the whole cohort of that step is back. A forward from a
+        cohort member that is not the last one cannot change that decision, so
+        it does not wake the thread: with N instances in a batch that is one
+        wake-up per step instead of N, each of which would take the GIL from
+        the instance threads that are racing to issue their next forward.
+        """
+        if (self._bounded_wait and isinstance(cmd, ForwardCmd) and queue.head() is cmd
+                and queue.id in self._awaited and len(self._awaited) > 1
+                and self.policy.name == "adaptive"
+                and self.policy.max_batch is None and self.policy.token_budget is None):
+            self._awaited.discard(queue.id)
+            return
+        self.cv.notify_all()
+
+    def queue_closed(self, queue: CommandQueue) -> None:
+        """A queue was closed (called with the lock held): the cohort no longer waits for it."""
+        if queue.id in self._awaited:
+            self._awaited.discard(queue.id)
+            self.cv.notify_all()
 
     def instance_busy(self, instance_id: str) -> bool:
         """Whether the instance has commands queued or in flight."""
@@ -222,7 +257,13 @@ class Scheduler:
         wait = self.policy.wait_time(ready, time.monotonic(), pacing)
         if wait is None or wait > 0:
             self.cv.notify_all()  # e.g. `wait_idle` callers: the queues may have just drained
-            self.cv.wait(wait)  # woken by any enqueue, close or stop
+            # Woken by an enqueue (see `pushed`), a close or a stop; a bounded
+            # wait also ends by itself.
+            self._bounded_wait = wait is not None
+            try:
+                self.cv.wait(wait)
+            finally:
+                self._bounded_wait = False
             return
         chosen = self.policy.select(ready)
         prepared = [p for p in (self._prepare(r.queue_id) for r in chosen) if p is not None]
@@ -322,15 +363,16 @@ class Scheduler:
             for index in written:
                 self._exclusive(inst, cmd.pages[index])
             physical = [self.pages.physical(inst, vid) for vid in cmd.pages]
+            # Queue.forward validated the command at enqueue; since then only
+            # copy-on-write can have remapped its pages (to fresh private ones).
             request = ForwardRequest(
-                tokens=list(cmd.tokens),
-                positions=list(cmd.positions),
+                tokens=cmd.tokens,
+                positions=cmd.positions,
                 pages=physical,
                 last_page_len=cmd.last_page_len,
                 mask=cmd.mask,
                 outputs=cmd.outputs,
             )
-            self.engine.validate(request)
         except PieError as exc:
             self._fail(cmd, exc)
             return None
@@ -385,6 +427,11 @@ class Scheduler:
         try:
             for prepared, (result, error) in zip(batch, outcome):
                 settle(prepared.cmd.future, result, error)
+            # Step aside for the woken instance threads: each must run its
+            # guest to the next forward before the next step can start, and
+            # without a pause this thread would keep the GIL through its next
+            # turn while they wait.
+            self._handoff.acquire(timeout=HANDOFF_SECONDS)
         finally:
             self.cv.acquire()
 
@@ -395,7 +442,7 @@ class Scheduler:
         alone so only the bad one fails. Called without the lock."""
         requests = [p.request for p in batch]
         try:
-            return [(r, None) for r in self.engine.step(requests)]
+            return [(r, None) for r in self.engine.step(requests, validated=True)]
         except EngineInputError as exc:
             if len(batch) == 1:
                 return [(None, PieError.invalid(str(exc)))]

@@ -247,7 +247,7 @@ class Queue:
 
     def _push(self, cmd: Any) -> None:
         self._cq.push(cmd)
-        self._core._cv.notify_all()
+        self._core._scheduler.pushed(self._cq, cmd)
 
     # ---- queue ----------------------------------------------------------------
     def set_priority(self, priority: int) -> None:
@@ -270,6 +270,7 @@ class Queue:
             self._cq.closed = True
             if self._cq.drained():
                 self._core._scheduler.queues.pop(self._cq.id, None)
+            self._core._scheduler.queue_closed(self._cq)
 
     # ---- pages ----------------------------------------------------------------
     def allocate_pages(self, count: int) -> list[int]:
@@ -356,9 +357,9 @@ class Queue:
         """Enqueues a forward pass over new tokens of one sequence. Input the
         engine would reject is a `PieError` raised here, not a failed future."""
         cmd = ForwardCmd(
-            tokens=tuple(int(t) for t in tokens),
-            positions=tuple(int(p) for p in positions),
-            pages=tuple(int(p) for p in pages),
+            tokens=tuple(map(int, tokens)),
+            positions=tuple(map(int, positions)),
+            pages=tuple(map(int, pages)),
             last_page_len=int(last_page_len),
             mask=None if mask is None else np.asarray(mask, dtype=bool),
             outputs=tuple(outputs),
@@ -373,12 +374,15 @@ class Queue:
         with self._core._cv:
             self._check_open()
             self._pages.check_live(self.instance_id, cmd.pages, distinct=True)
-            # Validate against today's physical pages: copy-on-write may remap
-            # them before the step, but shapes, ranges and ids do not change.
+            # Validated once, here, against today's physical pages: copy-on-write
+            # may remap them before the step, but only to fresh private pages, and
+            # shapes, ranges and ids do not change (the scheduler does not
+            # validate again).
+            physical = self._pages.physical
             request = ForwardRequest(
-                tokens=list(cmd.tokens),
-                positions=list(cmd.positions),
-                pages=[self._pages.physical(self.instance_id, v) for v in cmd.pages],
+                tokens=cmd.tokens,
+                positions=cmd.positions,
+                pages=[physical(self.instance_id, v) for v in cmd.pages],
                 last_page_len=cmd.last_page_len,
                 mask=cmd.mask,
                 outputs=cmd.outputs,

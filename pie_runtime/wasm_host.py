@@ -43,10 +43,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import wasmtime
 from wasmtime import WasmtimeError
-from wasmtime.component import Linker, Record, ResourceHost, ResourceType
+from wasmtime.component import Linker, Record, ResourceType
 
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
-from pie_runtime import component_cache, grammar, host_calls
+from pie_runtime import component_cache, grammar, host_calls, wit_codecs
 from pie_runtime.errors import PieError
 from pie_runtime.kvstore import KVStore, NamespacedKV
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
@@ -252,6 +252,10 @@ class InstanceContext:
         # Resolved (with the reason) when the instance must stop; every blocking
         # host wait also waits on it, so a stop never hangs on a future.
         self.stopped: cf.Future = cf.Future()
+        # A binary semaphore (a lock nobody owns): released by `_wake` when a
+        # future this instance waits on resolves, or when it is stopped.
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
         self.first_call_at: float | None = None
         self.host_calls = 0
         # Why the last trapping host call trapped: wasmtime may report a later,
@@ -280,12 +284,38 @@ class InstanceContext:
 
     # ---------------------------------------------------------------- waiting
     def wait(self, futures: Sequence[cf.Future], timeout: float | None) -> None:
-        """Waits until one of `futures` is done or `timeout` passes; raises if the instance is stopped."""
+        """Waits until one of `futures` is done or `timeout` passes; raises if the instance is stopped.
+
+        Each future wakes this instance through a done-callback registered on
+        first wait (one lock release), which is far cheaper on the decode
+        path than `concurrent.futures.wait`'s per-call waiter objects.
+        """
         if self.stopped.done():
             raise InstanceTerminated(self.stopped.result())
-        cf.wait([*futures, self.stopped], timeout=timeout, return_when=cf.FIRST_COMPLETED)
-        if self.stopped.done() and not any(f.done() for f in futures):
-            raise InstanceTerminated(self.stopped.result())
+        for future in futures:
+            wakers = future.__dict__.setdefault("_pie_wakers", set())
+            if self not in wakers:
+                wakers.add(self)
+                future.add_done_callback(self._wake)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if any(f.done() for f in futures):
+                return
+            if self.stopped.done():
+                raise InstanceTerminated(self.stopped.result())
+            if deadline is None:
+                self._wakeup.acquire()
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._wakeup.acquire(timeout=remaining)
+
+    def _wake(self, _future: Any = None) -> None:
+        try:
+            self._wakeup.release()
+        except RuntimeError:  # already released: a wakeup is pending anyway
+            pass
 
     def stop(self, reason: str) -> None:
         """Asks the instance to stop: wakes any host wait (the epoch callback stops running wasm)."""
@@ -294,6 +324,7 @@ class InstanceContext:
                 self.stopped.set_result(reason)
             except cf.InvalidStateError:
                 pass
+        self._wake()
 
     # ---------------------------------------------------------------- teardown
     def close(self, drain_seconds: float = 0.0) -> None:
@@ -479,12 +510,19 @@ class Host:
 # error policy described in the module docstring.
 
 
-def _own(ctx: InstanceContext, kind: Kind, obj: Any) -> ResourceHost:
-    return ResourceHost.own(ctx.table.insert(kind, obj), int(kind))
+def _own(ctx: InstanceContext, kind: Kind, obj: Any) -> wit_codecs.NewHandle:
+    return wit_codecs.NewHandle(ctx.table.insert(kind, obj), int(kind))
+
+
+def _rep(store: Any, handle: Any) -> int:
+    """The table key of a handle the guest passed in (lifted by `wit_codecs`)."""
+    if isinstance(handle, wit_codecs.Handle):
+        return handle.rep(store)
+    return handle.to_host(store).rep
 
 
 def _borrowed(ctx: InstanceContext, store: Any, handle: Any, kind: Kind) -> Any:
-    return ctx.table.get(kind, handle.to_host(store).rep)
+    return ctx.table.get(kind, _rep(store, handle))
 
 
 def _future_result(ctx: InstanceContext, hf: HostFuture) -> Any:
@@ -545,7 +583,7 @@ def _pollable_futures(ctx: InstanceContext, store: Any, handles: Sequence[Any]) 
     # list<borrow<T>> into a host function ("BUG: deferred host scope").
     futures = []
     for h in handles:
-        rep = h.to_host(store).rep
+        rep = _rep(store, h)
         futures.append(ctx.table.get(Kind.POLLABLE, rep))
         # The guest gave the handle away: it is ours to forget (no destructor call comes).
         ctx.table.pop(rep)
@@ -744,17 +782,16 @@ def _queue_list_exports(ctx, store, this):
     return [str(n) for n in _queue(ctx, store, this).queue.list_exports()]
 
 
-def _queue_forward(ctx, store, this, request):
+def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any) -> HostFuture:
+    """Translates a WIT forward-request and enqueues it; returns its future."""
     handle = _queue(ctx, store, this)
     served = handle.served
-    tokens = list(request.tokens)
-    positions = list(request.positions)
-    pages = list(request.pages)
+    tokens = request.tokens
+    pages = request.pages
     last_page_len = getattr(request, "last-page-len")
     vocab = served.vocab_size
-    for t in tokens:
-        if t >= vocab:
-            raise PieError.invalid(f"token id {t} is outside the vocabulary [0, {vocab})")
+    if tokens and max(tokens) >= vocab:
+        raise PieError.invalid(f"token id {max(tokens)} is outside the vocabulary [0, {vocab})")
     mask = None
     if request.mask is not None:
         if len(request.mask) != len(tokens):
@@ -767,14 +804,22 @@ def _queue_forward(ctx, store, this, request):
         else:
             mask = np.zeros((0, seq_len), dtype=bool)
     outputs = [_output_request(o, vocab) for o in request.outputs]
-    future = handle.queue.forward(tokens, positions, pages, last_page_len, mask, outputs)
 
     def convert(results: Sequence[Any]) -> list[Any]:
         if len(results) != len(outputs):
             raise PieError.internal(f"engine returned {len(results)} outputs for {len(outputs)} requests")
         return [_output_value(req, res) for req, res in zip(outputs, results)]
 
-    return _own(ctx, Kind.FORWARD_FUTURE, HostFuture(future, convert=convert))
+    future = handle.queue.forward(tokens, request.positions, pages, last_page_len, mask, outputs)
+    return HostFuture(future, convert=convert)
+
+
+def _queue_forward(ctx, store, this, request):
+    return _own(ctx, Kind.FORWARD_FUTURE, _submit_forward(ctx, store, this, request))
+
+
+def _queue_forward_wait(ctx, store, this, request):
+    return _future_result(ctx, _submit_forward(ctx, store, this, request))
 
 
 def _forward_future_get(ctx, store, this):
@@ -887,6 +932,7 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]queue.import-pages", _queue_import_pages, True),
             ("[method]queue.list-exports", _queue_list_exports, False),
             ("[method]queue.forward", _queue_forward, True),
+            ("[method]queue.forward-wait", _queue_forward_wait, True),
         ),
     ),
     "model": (

@@ -32,7 +32,8 @@ from .loop import wait
 from .model import Message, Model, call, get_model, to_chat_message
 from .sampling import Sampler, Stop
 
-# A step of work: yields host futures, receives their results, returns a value.
+# A step of work: yields host futures (or `_Forward` passes), receives their
+# results, returns a value.
 Steps = Generator[Any, Any, Any]
 
 _EXPORT_META_PREFIX = "pie.context/"
@@ -75,6 +76,18 @@ class _PageRefs:
 _refs = _PageRefs()
 
 
+class _Forward:
+    """A forward pass a step wants run: the driver decides how. The blocking
+    driver makes one `forward-wait` call; the async one issues `forward` and
+    awaits its future, so other tasks' passes can join the same batch."""
+
+    __slots__ = ("queue", "request")
+
+    def __init__(self, queue: "raw.Queue", request: "raw.ForwardRequest") -> None:
+        self.queue = queue
+        self.request = request
+
+
 def _drop(handle: Any) -> None:
     """Releases a host resource now instead of whenever the GC gets to it."""
     exit_ = getattr(handle, "__exit__", None)
@@ -89,12 +102,18 @@ def _get(future: Any) -> Any:
         _drop(future)
 
 
+def _run_blocking(item: Any) -> Any:
+    if isinstance(item, _Forward):
+        return call(item.queue.forward_wait, item.request)
+    return _get(item)
+
+
 def _drive(steps: Steps) -> Any:
     """Runs a step generator synchronously, blocking on each host future."""
     try:
-        future = next(steps)
+        item = next(steps)
         while True:
-            future = steps.send(_get(future))
+            item = steps.send(_run_blocking(item))
     except StopIteration as done:
         return done.value
 
@@ -102,15 +121,16 @@ def _drive(steps: Steps) -> Any:
 async def _drive_async(steps: Steps) -> Any:
     """Runs a step generator on the event loop: other tasks run while it waits."""
     try:
-        future = next(steps)
+        item = next(steps)
         while True:
+            future = call(item.queue.forward, item.request) if isinstance(item, _Forward) else item
             try:
                 result = await wait(future)
             except raw.Err as err:
                 raise InferletError.from_wit(err.value) from None
             finally:
                 _drop(future)
-            future = steps.send(result)
+            item = steps.send(result)
     except StopIteration as done:
         return done.value
 
@@ -249,7 +269,7 @@ class Context:
                        mask: Optional[Sequence[Sequence[int]]]) -> Steps:
         tokens, self.pending = self.pending, []
         request = self._request(tokens, list(outputs), positions, mask)
-        result = yield call(self.queue.forward, request)
+        result = yield _Forward(self.queue, request)
         return list(result)
 
     def forward(self, outputs: Sequence["raw.OutputRequest"] = (), *,

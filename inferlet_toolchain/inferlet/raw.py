@@ -96,6 +96,7 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("inference", "queue", "import-pages"): Queue.import_pages,
     ("inference", "queue", "list-exports"): Queue.list_exports,
     ("inference", "queue", "forward"): Queue.forward,
+    ("inference", "queue", "forward-wait"): Queue.forward_wait,
     ("grammar", "matcher", "from-json-schema"): Matcher.from_json_schema,
     ("grammar", "matcher", "from-regex"): Matcher.from_regex,
     ("grammar", "matcher", "from-ebnf"): Matcher.from_ebnf,

@@ -114,9 +114,11 @@ def test_model_info_and_tokenizer_match_the_engine(host, probe, engine):
     assert r["chat"] == tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
-def test_raw_prefill_decode_loop_equals_engine_greedy(host, probe, engine, core, tiny_llama_model):
+@pytest.mark.parametrize("how", ["future", "wait"])
+def test_raw_prefill_decode_loop_equals_engine_greedy(host, probe, engine, core, tiny_llama_model, how):
+    """Both ways of running a pass (`forward` + `get`, and `forward-wait`) give the engine's tokens."""
     prompt = "The quick brown fox"
-    r = _ok_json(run(host, probe, "generate", prompt, "12"))
+    r = _ok_json(run(host, probe, "generate", prompt, "12", how))
     expected = engine_greedy(tiny_llama_model, engine.tokenizer.encode(prompt), 12)
     assert r["tokens"] == expected
     _assert_pool_restored(core)
@@ -141,6 +143,9 @@ def test_bad_arguments_are_errors_for_the_guest_and_the_host_keeps_serving(host,
         "forward_mask_sum": "invalid-argument",
         "sample_allowed_sum": "invalid-argument",
         "output_index": "invalid-argument",
+        "forward_wait_unknown_page": "not-found",
+        "forward_wait_bad_token": "invalid-argument",
+        "forward_wait_output_index": "invalid-argument",
         "import_unknown": "not-found",
         "unexport_unknown": "not-found",
         "allocate_too_many": "out-of-memory",

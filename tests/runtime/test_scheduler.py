@@ -126,7 +126,7 @@ class RecordingEngine:
         if -1 in req.tokens:
             raise EngineInputError("token -1 is outside the vocabulary")
 
-    def step(self, requests):
+    def step(self, requests, validated: bool = False):
         self.in_step.set()
         self.gate.wait(10)
         self.in_step.clear()
@@ -365,3 +365,54 @@ def test_done_callbacks_may_call_back_into_the_core(fake):
     while not chained and time.monotonic() < deadline:
         time.sleep(0.01)
     assert chained and chained[0].result(5) == [1002]
+
+
+def _run_cohort_step(engine, core, queues, pages, hold_s: float) -> None:
+    """One engine step holding a forward of every queue, kept open `hold_s` (its latency)."""
+    engine.gate.clear()
+    futures = [fwd(q, 1, pg) for q, pg in zip(queues, pages)]
+    assert engine.in_step.wait(5)
+    time.sleep(0.05)  # anything not in the first step joins the next one
+    engine.gate.set()
+    for f in futures:
+        f.result(5)
+    # The cohort step: all queues together, open for hold_s.
+    engine.gate.clear()
+    futures = [fwd(q, 2, pg) for q, pg in zip(queues, pages)]
+    assert engine.in_step.wait(5)
+    time.sleep(hold_s)
+    engine.gate.set()
+    for f in futures:
+        f.result(5)
+    assert sorted(engine.batches[-1]) == [(2,)] * len(queues)
+
+
+@pytest.mark.parametrize("straggler", ["silent", "closes"])
+def test_adaptive_cohort_waits_for_a_straggler_at_most_one_step_and_not_for_a_closed_queue(straggler):
+    """The engine thread is not woken by every cohort member's forward (see
+    Scheduler.pushed), yet a member that never comes back delays the others by
+    about one step, and one whose queue closes does not delay them at all."""
+    engine = RecordingEngine()
+    core = ServingCore(engine, adaptive_max_wait_ms=60_000).start()
+    try:
+        inst = core.open_instance("a")
+        queues = [inst.create_queue(0) for _ in range(3)]
+        pages = [q.allocate_pages(1) for q in queues]
+        hold = 1.5
+        _run_cohort_step(engine, core, queues, pages, hold)
+        started = time.monotonic()
+        back = []
+        for q, pg in zip(queues[:2], pages[:2]):
+            back.append(fwd(q, 3, pg))
+            time.sleep(0.05)  # the engine thread settles into its wait between arrivals
+        if straggler == "closes":
+            queues[2].close()
+        assert [f.result(10) for f in back] == [[1003], [1003]]
+        waited = time.monotonic() - started
+        assert sorted(engine.batches[-1]) == [(3,), (3,)]
+        if straggler == "closes":
+            assert waited < hold / 2, f"waited {waited:.2f}s for a closed queue"
+        else:
+            assert waited >= hold / 2, f"fired after {waited:.2f}s without waiting for the cohort"
+    finally:
+        core.stop()

@@ -61,8 +61,10 @@ def _greedy(index):
 
 
 def mode_generate(args):
-    """Raw prefill + greedy decode: pages managed by hand, one forward per token."""
+    """Raw prefill + greedy decode: pages managed by hand, one forward per token
+    (`forward` + `get`, or `forward-wait` with a third argument "wait")."""
     prompt, n = args[0], int(args[1])
+    blocking = len(args) > 2 and args[2] == "wait"
     m = _open()
     page_size = m.info().page_size
     q = m.create_queue(0)
@@ -82,10 +84,10 @@ def mode_generate(args):
         positions = list(range(seq_len, seq_len + len(step)))
         seq_len += len(step)
         last = seq_len - (len(pages) - 1) * page_size
-        fut = q.forward(inference.ForwardRequest(
+        request = inference.ForwardRequest(
             tokens=step, positions=positions, pages=list(pages), last_page_len=last,
-            mask=None, outputs=[_greedy(len(step) - 1)]))
-        result = fut.get()
+            mask=None, outputs=[_greedy(len(step) - 1)])
+        result = q.forward_wait(request) if blocking else q.forward(request).get()
         token = result[0].value
         out.append(token)
         step = [token]
@@ -108,6 +110,12 @@ def mode_errors(args):
         req.update(kw)
         return q.forward(inference.ForwardRequest(**req)).get()
 
+    def fwd_wait(**kw):
+        req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=2, mask=None,
+                   outputs=[_greedy(1)])
+        req.update(kw)
+        return q.forward_wait(inference.ForwardRequest(**req))
+
     codes = {
         "decode_out_of_vocab": _code(lambda: tok.decode([info.vocab_size + 5])),
         "open_unknown_model": _code(lambda: model.Model.open("no-such-model")),
@@ -123,6 +131,9 @@ def mode_errors(args):
         "sample_allowed_sum": _code(lambda: fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
             index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=[0, 3]))])),
         "output_index": _code(lambda: fwd(outputs=[_greedy(7)])),
+        "forward_wait_unknown_page": _code(lambda: fwd_wait(pages=[987654])),
+        "forward_wait_bad_token": _code(lambda: fwd_wait(tokens=[1, info.vocab_size + 3])),
+        "forward_wait_output_index": _code(lambda: fwd_wait(outputs=[_greedy(7)])),
         "import_unknown": _code(lambda: q.import_pages("no-such-export")),
         "unexport_unknown": _code(lambda: q.unexport("no-such-export")),
         "allocate_too_many": _code(lambda: q.allocate_pages(1 << 30)),
