@@ -1,25 +1,52 @@
-"""Decode step time of the engine at batch 1 and 16 (ms/step), and of the native generate loop.
+"""Decode tokens/s of the engine's native loop vs Hugging Face transformers ``generate``, same model and weights.
 
-    python benchmarks/engine_decode.py MODEL [--batch 1 16] [--context 128] [--steps 32]
+    PYTHONPATH=. .venv/bin/python benchmarks/engine_decode.py [MODEL] [--batch 1 16] [--context 128]
+        [--steps 32] [--repeats 5] [--no-hf] [--no-steps]
 
 MODEL is anything ``engine_jax.loader.load_model`` accepts (a registry name,
-a GGUF file, a Hugging Face checkpoint directory). Each sequence is
-prefilled with ``--context`` tokens first; the timed steps then decode one
-token per sequence with greedy sampling, as ``generate`` does. ``generate()``
-itself is timed too, with its prefill subtracted out.
+a GGUF file, a Hugging Face checkpoint directory; default: the default
+model). Its weights are read once into host memory; the engine and a
+transformers ``AutoModelForCausalLM`` (float32, eval, torch threads = CPU
+cores) are both built from that state dict, so both arms run the same
+weights (for a GGUF file: the same dequantised values).
+
+Per batch size B, every arm gets the same B random prompts of ``--context``
+tokens and decodes greedily:
+
+* ours: ``engine_jax.generate.generate(engine, prompts, n)``
+* transformers: ``model.generate(ids, do_sample=False, min_new_tokens=n, max_new_tokens=n)``
+
+The decode time per step is (time for ``steps + 1`` new tokens - time for 1
+new token) / ``steps``: both runs prefill the same prompts, so the prefill
+cancels out. Each arm is warmed up once (compiling every shape the engine
+meets), then the pairs are timed ``--repeats`` times, the arms interleaved
+(ours, hf, hf, ours, ...), and summarised by medians. Decode tokens/s =
+B * 1000 / (ms per step); ratio = ours / transformers tokens/s. The last
+line is ``ratio: X``, X = the smaller ratio over the batch sizes.
+
+Also printed (skip with ``--no-steps``): the engine's bare ``Engine.step``
+decode time (median over ``--steps`` steps after 3 warm-up steps), i.e.
+without the native loop's per-step host work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from engine_jax.batch import ForwardRequest, Sample
-from engine_jax.engine import Engine
-from engine_jax.generate import generate
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from engine_jax.batch import ForwardRequest, Sample  # noqa: E402
+from engine_jax.engine import Engine  # noqa: E402
+from engine_jax.generate import generate  # noqa: E402
 
 
 def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int, warmup: int = 3) -> list[float]:
@@ -56,46 +83,137 @@ def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int, war
             engine.pool.free(pages)
 
 
-def generate_ms_per_step(engine: Engine, batch: int, context: int, steps: int) -> float:
-    """Decode ms/step of ``generate``: (time for 1 + steps tokens - time for 1 token) / steps, prefill cancelled out."""
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, engine.config.vocab_size, context).tolist() for _ in range(batch)]
-    generate(engine, prompts, steps + 1)  # compiles every shape the timed runs meet
+# ------------------------------------------------------------------------------------------ the two arms
 
-    def timed(n: int) -> float:
+
+class OursArm:
+    name = "ours"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        return generate(self.engine, prompts, n)
+
+
+class HFArm:
+    name = "transformers"
+
+    def __init__(self, hf_config: dict, state_dict: dict[str, np.ndarray]) -> None:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        config_class = transformers.CONFIG_MAPPING[hf_config["model_type"]]
+        config = config_class.from_dict(dict(hf_config))
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(
+            {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in state_dict.items()}, strict=False
+        )
+        allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - allowed_missing or unexpected:
+            raise RuntimeError(f"state dict does not fit transformers' model: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        self.model = model.eval()
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+
+    def run(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        torch = self.torch
+        ids = torch.tensor(prompts, dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=n, max_new_tokens=n,
+                pad_token_id=self.pad_id, num_beams=1,
+            )
+        return out[:, ids.shape[1]:].tolist()
+
+
+def timed(arm, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    tokens = arm.run(prompts, n)
+    return time.perf_counter() - start, tokens
+
+
+def compare(arms: list, batch: int, context: int, steps: int, repeats: int, vocab: int) -> dict[str, list[float]]:
+    """Decode ms/step of each arm per repeat: (t(steps + 1) - t(1)) / steps, arms interleaved."""
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(0, vocab, context).tolist() for _ in range(batch)]
+    outputs = {}
+    for arm in arms:  # warm-up: compiles every shape of the engine, warms torch's allocator
         start = time.perf_counter()
-        generate(engine, prompts, n)
-        return time.perf_counter() - start
-
-    return (timed(steps + 1) - timed(1)) * 1000 / steps
+        outputs[arm.name] = arm.run(prompts, steps + 1)
+        print(f"  batch {batch:3d} {arm.name:>12}: warm-up {time.perf_counter() - start:6.1f} s", flush=True)
+    if len(arms) == 2:
+        a, b = (np.array(outputs[arm.name]) for arm in arms)
+        print(f"  batch {batch:3d}: greedy tokens identical in both arms: {(a == b).mean() * 100:.1f}% "
+              f"(first tokens: {(a[:, 0] == b[:, 0]).mean() * 100:.0f}%)", flush=True)
+    ms: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    for i in range(repeats):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            long, _ = timed(arm, prompts, steps + 1)
+            short, _ = timed(arm, prompts, 1)
+            ms[arm.name].append((long - short) * 1000 / steps)
+    return ms
 
 
 def main(argv: list[str] | None = None) -> None:
+    from engine_jax.config import ModelConfig
+    from engine_jax.loader import LoadedModel, default_dtype, read_model
+    from engine_jax.model import params_from_state_dict
+    from engine_jax.registry import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model name, GGUF file or Hugging Face checkpoint directory")
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"model name, GGUF file or Hugging Face checkpoint directory (default {DEFAULT_MODEL})")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--attention", default=None, help="reference | kernel | interpret (default: platform)")
+    parser.add_argument("--no-hf", action="store_true", help="time the engine only")
+    parser.add_argument("--no-steps", action="store_true", help="skip the bare Engine.step decode timing")
     args = parser.parse_args(argv)
 
-    from engine_jax.loader import load_model
-
-    model = load_model(args.model)
+    started = time.perf_counter()
+    host = read_model(args.model)
+    config = ModelConfig.from_hf(host.hf_config)
+    model = LoadedModel(name=host.name, config=config, tokenizer=host.tokenizer, hf_config=host.hf_config,
+                        params=params_from_state_dict(config, host.state_dict, default_dtype()), source=host.source)
     c = model.config
     print(f"model {model.name}: {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
-          f"vocab {c.vocab_size}, dtype {model.params.embed.dtype}")
+          f"vocab {c.vocab_size}, dtype {model.params.embed.dtype}; context {args.context}, "
+          f"{args.steps} timed decode steps, {args.repeats} repeats, {os.cpu_count()} CPU cores")
     max_len = args.context + args.steps + 8
     pages_needed = max(args.batch) * (-(-max_len // args.page_size)) + 8
     engine = Engine(model, page_size=args.page_size, num_pages=pages_needed, attention=args.attention)
+    arms = [OursArm(engine)]
+    if not args.no_hf:
+        arms.append(HFArm(host.hf_config, host.state_dict))
+    del host
+
+    summary = []
     for batch in args.batch:
-        times = decode_ms_per_step(engine, batch, args.context, args.steps)
-        median = statistics.median(times)
-        print(f"batch {batch:3d}: decode {median:7.2f} ms/step (min {min(times):.2f}), "
-              f"{batch * 1000 / median:8.1f} tokens/s")
-        gen = generate_ms_per_step(engine, batch, args.context, args.steps)
-        print(f"batch {batch:3d}: generate() {gen:7.2f} ms/step")
+        if not args.no_steps:
+            times = decode_ms_per_step(engine, batch, args.context, args.steps)
+            median = statistics.median(times)
+            print(f"batch {batch:3d}: Engine.step decode {median:7.2f} ms/step (min {min(times):.2f}), "
+                  f"{batch * 1000 / median:8.1f} tokens/s", flush=True)
+        ms = compare(arms, batch, args.context, args.steps, args.repeats, c.vocab_size)
+        speeds = {}
+        for name, values in ms.items():
+            median = statistics.median(values)
+            speeds[name] = batch * 1000 / median
+            print(f"batch {batch:3d}: {name:>12} generate decode {median:7.2f} ms/step "
+                  f"({', '.join(f'{v:.1f}' for v in values)}), {speeds[name]:8.1f} tokens/s", flush=True)
+        if "transformers" in speeds:
+            ratio = speeds["ours"] / speeds["transformers"]
+            summary.append(ratio)
+            print(f"batch {batch:3d}: ours / transformers decode tokens/s = {ratio:.2f}", flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if summary:
+        print(f"ratio: {min(summary):.2f}")
 
 
 if __name__ == "__main__":

@@ -133,10 +133,11 @@ def test_chunked_path_matches_single_chunk(monkeypatch):
     spec = dict(page_size=2, num_kv_heads=2, group=2, head_dim=4, num_pages=8, kv_lens=[7, 5],
                 q_lens=[7, 3], tables=[[3, 1, 6, 0], [2, 5, 7, 0]], pad_tokens=3, use_mask=True, seed=5)
     x = make_inputs(spec)
-    whole = run_reference(x)
-    # Forces chunks of 2 tokens (13 tokens -> 7 chunks with padding).
+    per_token = reference_module.paged_attention_per_token
+    whole = run_reference(x, per_token)
+    # Forces chunks of 2 tokens (13 tokens -> 7 chunks with padding) on the per-token path.
     monkeypatch.setattr(reference_module, "_GATHER_BUDGET", 2 * 8 * 2 * 4)
-    chunked = run_reference(x, paged_attention_reference)
+    chunked = run_reference(x, per_token)
     np.testing.assert_allclose(chunked[:10], whole[:10], atol=1e-6)
 
 
