@@ -178,6 +178,7 @@ class Engine:
         self.pool = PagePool(self.num_pages)
         self.cache: KVCache = create_kv_cache(self.config, self.num_pages, page_size, self.dtype)
         self.attention_fn = resolve_attention(attention)
+        self.platform: str = jax.devices()[0].platform  # "cpu", "gpu", "tpu"
         self._inv_freq = jnp.asarray(rope_inv_freq(self.config))
         self._stream_key = np.asarray(jax.random.key_data(jax.random.key(seed)), dtype=np.uint32)
         self._step_count = 0

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run N copies concurrently and print a summary (default 1)")
     p.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
                    help="batching policy of the serving core (default adaptive)")
+    p.add_argument("--queue-ahead", choices=("auto", "on", "off"), default="auto",
+                   help="tell inferlets to queue each decode pass one ahead of the last (forward-next), "
+                        "so their own work overlaps the step: auto = on an accelerator, off on a CPU, "
+                        "where it would compete with the step for the cores (default auto)")
     p.add_argument("--allow", default="", metavar="CAPS",
                    help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
     p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",
@@ -278,7 +282,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         return EXIT_USAGE
 
     core = ServingCore(engine, policy=args.batching).start()
-    host = Host([ServedModel(loaded.name, engine, core)], guest_output=console.guest_output)
+    queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
+    host = Host([ServedModel(loaded.name, engine, core, queue_ahead)], guest_output=console.guest_output)
     for program in registered:
         host.register_program(program)
     limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)

@@ -30,6 +30,8 @@ class ForwardCmd:
     last_page_len: int
     mask: np.ndarray | None
     outputs: tuple[OutputRequest, ...]
+    # The first token is the one the queue's previous forward drew (forward-next).
+    feeds_previous: bool = False
     future: Future = field(default_factory=Future)
 
 
@@ -84,6 +86,9 @@ class CommandQueue:
         # A command without a future (copy, mask, ...) that failed at run time:
         # reported by the next command on this queue that has a future.
         self.deferred_error: PieError | None = None
+        # The token the last forward that ran on this queue drew (its last
+        # sample output); None if it drew none or failed. Feeds forward-next.
+        self.last_drawn: int | None = None
 
     def push(self, cmd: Command) -> None:
         if not self.commands:

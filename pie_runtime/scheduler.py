@@ -42,10 +42,6 @@ from .errors import PieError
 from .policies import BatchPolicy, Pacing, Ready
 from .resources import PageManager
 
-# How long the engine thread pauses after resolving a step's futures, so the
-# woken instance threads get the GIL first (long enough for the OS to wake them).
-HANDOFF_SECONDS = 100e-6
-
 log = logging.getLogger(__name__)
 
 
@@ -117,9 +113,6 @@ class Scheduler:
         # The engine thread sleeps in a wait that ends by itself (see `pushed`).
         self._bounded_wait = False
         self._thread: threading.Thread | None = None
-        # Never released: acquiring it with a timeout is a pause that gives up the GIL.
-        self._handoff = threading.Lock()
-        self._handoff.acquire()
 
     # ---- lifecycle (called without the lock) -------------------------------
     def start(self) -> None:
@@ -353,8 +346,16 @@ class Scheduler:
         inst = queue.instance_id
         if queue.deferred_error is not None:
             error, queue.deferred_error = queue.deferred_error, None
-            self._fail(cmd, error)
+            self._fail(cmd, error, queue)
             return None
+        tokens = cmd.tokens
+        if cmd.feeds_previous:
+            drawn, queue.last_drawn = queue.last_drawn, None
+            if drawn is None:
+                self._fail(cmd, PieError.invalid(
+                    "forward-next: the previous forward on this queue drew no token (or failed)"), queue)
+                return None
+            tokens = (drawn,) + tokens[1:]
         try:
             page_size = self.pages.page_size
             seq_len = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
@@ -366,7 +367,7 @@ class Scheduler:
             # Queue.forward validated the command at enqueue; since then only
             # copy-on-write can have remapped its pages (to fresh private ones).
             request = ForwardRequest(
-                tokens=cmd.tokens,
+                tokens=tokens,
                 positions=cmd.positions,
                 pages=physical,
                 last_page_len=cmd.last_page_len,
@@ -374,19 +375,20 @@ class Scheduler:
                 outputs=cmd.outputs,
             )
         except PieError as exc:
-            self._fail(cmd, exc)
+            self._fail(cmd, exc, queue)
             return None
         except EngineInputError as exc:
-            self._fail(cmd, PieError.invalid(str(exc)))
+            self._fail(cmd, PieError.invalid(str(exc)), queue)
             return None
         except Exception as exc:  # e.g. the device failed a copy-on-write copy
             log.exception("preparing a forward failed")
-            self._fail(cmd, PieError.internal(f"preparing the forward failed: {exc!r}"))
+            self._fail(cmd, PieError.internal(f"preparing the forward failed: {exc!r}"), queue)
             return None
         return _Prepared(cmd, queue_id, inst, request)
 
-    def _fail(self, cmd: ForwardCmd, error: PieError) -> None:
+    def _fail(self, cmd: ForwardCmd, error: PieError, queue: CommandQueue) -> None:
         self.stats.forwards_failed += 1
+        queue.last_drawn = None
         self._deferred.append((cmd.future, None, error))
 
     def _step(self, batch: list[_Prepared]) -> None:
@@ -413,7 +415,10 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.batch_requests[len(batch)] += 1
         self.stats.batch_tokens[sum(len(p.request.tokens) for p in batch)] += 1
-        for prepared, (_, error) in zip(batch, outcome):
+        for prepared, (result, error) in zip(batch, outcome):
+            queue = self.queues.get(prepared.queue_id)
+            if queue is not None:  # what a forward-next queued behind this one will be fed
+                queue.last_drawn = _last_drawn(prepared.request, result) if error is None else None
             if error is not None:
                 self.stats.forwards_failed += 1
                 continue
@@ -427,11 +432,6 @@ class Scheduler:
         try:
             for prepared, (result, error) in zip(batch, outcome):
                 settle(prepared.cmd.future, result, error)
-            # Step aside for the woken instance threads: each must run its
-            # guest to the next forward before the next step can start, and
-            # without a pause this thread would keep the GIL through its next
-            # turn while they wait.
-            self._handoff.acquire(timeout=HANDOFF_SECONDS)
         finally:
             self.cv.acquire()
 
@@ -464,3 +464,10 @@ class Scheduler:
             log.exception("engine step failed")
             return [(None, PieError.internal(f"engine step failed: {exc!r}"))]
 
+
+def _last_drawn(request: ForwardRequest, results: list[OutputResult]) -> int | None:
+    """The token of the request's last sample output, if it has one."""
+    for out, result in zip(reversed(request.outputs), reversed(results)):
+        if isinstance(out, Sample):
+            return int(result)
+    return None

@@ -353,9 +353,14 @@ class Queue:
         last_page_len: int,
         mask: np.ndarray | None = None,
         outputs: Sequence[OutputRequest] = (),
+        feeds_previous: bool = False,
     ) -> Future:
         """Enqueues a forward pass over new tokens of one sequence. Input the
-        engine would reject is a `PieError` raised here, not a failed future."""
+        engine would reject is a `PieError` raised here, not a failed future.
+
+        With `feeds_previous` the first token is replaced, when the pass runs,
+        by the token this queue's previous forward drew (`tokens[0]` is a
+        placeholder, validated as given)."""
         cmd = ForwardCmd(
             tokens=tuple(map(int, tokens)),
             positions=tuple(map(int, positions)),
@@ -363,6 +368,7 @@ class Queue:
             last_page_len=int(last_page_len),
             mask=None if mask is None else np.asarray(mask, dtype=bool),
             outputs=tuple(outputs),
+            feeds_previous=bool(feeds_previous),
         )
         for out in cmd.outputs:
             if not isinstance(out, (Sample, Distribution, Logprobs)):

@@ -132,6 +132,14 @@ class ServedModel:
     name: str
     engine: Any  # engine_jax.engine.Engine
     core: Any  # pie_runtime.serving.ServingCore
+    # model-info's queue-ahead hint; None = on when the engine runs on an accelerator.
+    queue_ahead: bool | None = None
+
+    @property
+    def decodes_one_ahead(self) -> bool:
+        if self.queue_ahead is not None:
+            return self.queue_ahead
+        return getattr(self.engine, "platform", "cpu") != "cpu"
 
     @property
     def tokenizer(self) -> Any:
@@ -703,6 +711,7 @@ def _model_info(ctx, store, this):
         ("eos-tokens", [int(t) for t in eos]),
         ("bos-token", None if bos is None else int(bos)),
         ("chat-template", tok.chat_template or ""),
+        ("queue-ahead", served.decodes_one_ahead),
     ):
         setattr(info, name, value)
     return info
@@ -782,7 +791,8 @@ def _queue_list_exports(ctx, store, this):
     return [str(n) for n in _queue(ctx, store, this).queue.list_exports()]
 
 
-def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any) -> HostFuture:
+def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
+                    feeds_previous: bool = False) -> HostFuture:
     """Translates a WIT forward-request and enqueues it; returns its future."""
     handle = _queue(ctx, store, this)
     served = handle.served
@@ -810,12 +820,17 @@ def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any) -
             raise PieError.internal(f"engine returned {len(results)} outputs for {len(outputs)} requests")
         return [_output_value(req, res) for req, res in zip(outputs, results)]
 
-    future = handle.queue.forward(tokens, request.positions, pages, last_page_len, mask, outputs)
+    future = handle.queue.forward(tokens, request.positions, pages, last_page_len, mask, outputs,
+                                  feeds_previous=feeds_previous)
     return HostFuture(future, convert=convert)
 
 
 def _queue_forward(ctx, store, this, request):
     return _own(ctx, Kind.FORWARD_FUTURE, _submit_forward(ctx, store, this, request))
+
+
+def _queue_forward_next(ctx, store, this, request):
+    return _own(ctx, Kind.FORWARD_FUTURE, _submit_forward(ctx, store, this, request, feeds_previous=True))
 
 
 def _queue_forward_wait(ctx, store, this, request):
@@ -933,6 +948,7 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]queue.list-exports", _queue_list_exports, False),
             ("[method]queue.forward", _queue_forward, True),
             ("[method]queue.forward-wait", _queue_forward_wait, True),
+            ("[method]queue.forward-next", _queue_forward_next, True),
         ),
     ),
     "model": (

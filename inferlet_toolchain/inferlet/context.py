@@ -113,7 +113,12 @@ def _drive(steps: Steps) -> Any:
     try:
         item = next(steps)
         while True:
-            item = steps.send(_run_blocking(item))
+            try:
+                result = _run_blocking(item)
+            except BaseException:
+                steps.close()  # its cleanup (queued passes) runs now
+                raise
+            item = steps.send(result)
     except StopIteration as done:
         return done.value
 
@@ -123,13 +128,17 @@ async def _drive_async(steps: Steps) -> Any:
     try:
         item = next(steps)
         while True:
-            future = call(item.queue.forward, item.request) if isinstance(item, _Forward) else item
             try:
-                result = await wait(future)
-            except raw.Err as err:
-                raise InferletError.from_wit(err.value) from None
-            finally:
-                _drop(future)
+                future = call(item.queue.forward, item.request) if isinstance(item, _Forward) else item
+                try:
+                    result = await wait(future)
+                except raw.Err as err:
+                    raise InferletError.from_wit(err.value) from None
+                finally:
+                    _drop(future)
+            except BaseException:
+                steps.close()  # its cleanup (queued passes) runs now
+                raise
             item = steps.send(result)
     except StopIteration as done:
         return done.value
@@ -325,8 +334,10 @@ class Context:
             raise ValueError("nothing to generate from: fill() a prompt first")
         if grammar is not None and drafter is not None:
             raise ValueError("generate() takes a grammar or a drafter, not both")
-        matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         stop = stop.bind(self.model.eos_tokens)
+        if drafter is None and grammar is None and self.model.info.queue_ahead:
+            return (yield from self._pipelined_steps(sampler, stop, on_token))
+        matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         tokenizer = self.model.tokenizer
         generated: list[int] = []
         reason: Optional[str] = None
@@ -371,16 +382,65 @@ class Context:
             # drafts that became output before the last used token.
             self._rollback(len(draft) - (used - 1))
             self.pending = [generated[-1]]
+        if matcher is not grammar:
+            matcher.close()  # made here from a Grammar
+        return self._finish(generated, reason, stop)
+
+    def _pipelined_steps(self, sampler: Sampler, stop: Stop,
+                         on_token: Optional[Callable[[int], None]]) -> Steps:
+        """generate() without a drafter or grammar, one step ahead: each pass
+        is queued (`forward-next`, fed the token the pass before it draws)
+        before the token of the pass before it is known, so the engine goes
+        from one step to the next without waiting for this inferlet, which
+        looks at each token while the next step runs. When a token ends the
+        generation, the pass already queued behind it is rolled back."""
+        tokenizer = self.model.tokenizer
+        generated: list[int] = []
+        reason: Optional[str] = None
+
+        def sample_at(index: int, step: int) -> "raw.OutputRequest":
+            return raw.OutputRequestSample(raw.SampleSpec(**sampler.spec_fields(index, step)))
+
+        tokens, self.pending = self.pending, []
+        current = call(self.queue.forward, self._request(tokens, [sample_at(len(tokens) - 1, self._step)], None, None))
+        ahead = None
+        try:
+            while reason is None:
+                if len(generated) + 1 < stop.max_tokens:
+                    # Token 0 stands in for the token `current` will draw.
+                    request = self._request([0], [sample_at(0, self._step + 1)], None, None)
+                    ahead = call(self.queue.forward_next, request)
+                waiting, current = current, None
+                (out,) = yield waiting  # the driver waits for it and drops it
+                token = out.value
+                generated.append(token)
+                self._step += 1
+                if on_token is not None:
+                    on_token(token)
+                reason = stop.check(generated, tokenizer.decode(generated) if stop.needs_text else None)
+                if ahead is not None:
+                    self.tokens[-1] = token  # what the queued pass is fed
+                    if reason is None:
+                        current, ahead = ahead, None
+        finally:
+            for future in (current, ahead):
+                if future is not None:
+                    _drop(future)  # a queued pass runs anyway; its result is not needed
+        if ahead is not None:
+            self._rollback(1)  # the pass queued past the end
+        self.pending = [generated[-1]]
+        return self._finish(generated, reason, stop)
+
+    def _finish(self, generated: list[int], reason: Optional[str], stop: Stop) -> str:
+        """Records how generation ended; returns the new text. The last token is pending."""
         if reason == "eos":
             # The end token is not part of the text, and a chat template
             # writes its own end-of-turn when the conversation goes on.
             self.pending = []
             generated.pop()
-        if matcher is not grammar:
-            matcher.close()  # made here from a Grammar
         self.generated = generated
         self.stop_reason = reason
-        text = stop.trim(tokenizer.decode(generated))
+        text = stop.trim(self.model.tokenizer.decode(generated))
         if self._chat_text is not None:
             self._chat.append(raw.ChatMessage(role="assistant", content=text))
             self._chat_text += text
@@ -393,7 +453,10 @@ class Context:
         """Generates until `stop` (default: EOS or 256 tokens); returns the new text.
 
         Each step is one forward pass of the newest token with a sample
-        request at its index. With a `drafter`, each pass also verifies the
+        request at its index. When the server asks for it (model info
+        `queue_ahead`: on accelerators), each pass is queued before the token
+        of the one before it is known, so the engine never waits for this
+        inferlet between steps. With a `drafter`, each pass also verifies the
         drafter's proposed tokens (speculative decoding). With a `grammar`
         (or a `Matcher`, which then advances), each draw is restricted to the
         tokens it allows (replacing `sampler.allowed`) and generation also

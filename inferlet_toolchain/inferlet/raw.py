@@ -97,6 +97,7 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("inference", "queue", "list-exports"): Queue.list_exports,
     ("inference", "queue", "forward"): Queue.forward,
     ("inference", "queue", "forward-wait"): Queue.forward_wait,
+    ("inference", "queue", "forward-next"): Queue.forward_next,
     ("grammar", "matcher", "from-json-schema"): Matcher.from_json_schema,
     ("grammar", "matcher", "from-regex"): Matcher.from_regex,
     ("grammar", "matcher", "from-ebnf"): Matcher.from_ebnf,

@@ -114,9 +114,10 @@ def test_model_info_and_tokenizer_match_the_engine(host, probe, engine):
     assert r["chat"] == tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("how", ["future", "wait"])
+@pytest.mark.parametrize("how", ["future", "wait", "next"])
 def test_raw_prefill_decode_loop_equals_engine_greedy(host, probe, engine, core, tiny_llama_model, how):
-    """Both ways of running a pass (`forward` + `get`, and `forward-wait`) give the engine's tokens."""
+    """Every way of running a pass (`forward` + `get`, `forward-wait`, and each
+    pass queued one ahead with `forward-next`) gives the engine's tokens."""
     prompt = "The quick brown fox"
     r = _ok_json(run(host, probe, "generate", prompt, "12", how))
     expected = engine_greedy(tiny_llama_model, engine.tokenizer.encode(prompt), 12)

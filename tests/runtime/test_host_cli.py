@@ -159,3 +159,33 @@ def test_registered_programs_can_be_launched_by_name(probe_wasm, tiny_llama_dir)
     assert tagged == {cid: f"hi-{i}" for i, cid in enumerate(child_ids)}
     code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--program", "probe"])
     assert code == 1 and "not-found" in err and "'probe'" in err
+
+
+STOP_AND_GO = REPO / "tests" / "runtime" / "guests" / "stop_and_go.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("queue_ahead", ["off", "on"])
+def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llama_dir, tiny_llama_model,
+                                                                       queue_ahead):
+    """generate() stopped by a stop token, then continued: with every decode
+    pass queued one ahead (forward-next) the pass queued past the stop is rolled
+    back, and both parts equal one uninterrupted greedy run of the engine."""
+    from tests.runtime.guests.fixtures import engine_greedy
+
+    prompt = "Hello world"
+    tok = tiny_llama_model.tokenizer
+    ids = tok.encode(prompt)
+    if tok.bos_token_id is not None:
+        ids = [tok.bos_token_id, *ids]
+    expected = engine_greedy(tiny_llama_model, ids, 12, page_size=4)
+    # The first token that did not occur before it: generation stops there, early.
+    k = next(i for i in range(1, 8) if expected[i] not in expected[:i])
+    code, out, err = pie_run([STOP_AND_GO, "--model", tiny_llama_dir, *MODEL_OPTS, "--queue-ahead", queue_ahead,
+                              "--", "--prompt", prompt, "--stop-token", expected[k], "--max-tokens", 10,
+                              "--more", 4])
+    assert code == 0, err
+    r = json.loads(out.splitlines()[-1])
+    assert r["first_reason"] == "eos" and r["first"] == expected[:k]
+    assert r["second"] == expected[k + 1:k + 5]
+    assert r["kv_len"] == len(ids) + k + 1 + 3 and r["pending"] == 1

@@ -416,3 +416,37 @@ def test_adaptive_cohort_waits_for_a_straggler_at_most_one_step_and_not_for_a_cl
             assert waited >= hold / 2, f"fired after {waited:.2f}s without waiting for the cohort"
     finally:
         core.stop()
+
+
+def test_forward_next_is_fed_the_token_the_previous_forward_drew(fake):
+    """forward-next (feeds_previous): queued before the previous pass ran, it
+    runs with that pass's last sampled token in place of its placeholder."""
+    engine, core = fake
+    q = core.open_instance("a").create_queue(0)
+    p = q.allocate_pages(1)
+    engine.gate.clear()  # both are queued before the first one runs
+    first = q.forward([5], [0], p, 1, None, [Sample(0)])
+    second = q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True)
+    third = q.forward([0], [2], p, 3, None, [Sample(0)], feeds_previous=True)
+    engine.gate.set()
+    assert first.result(5) == [1005]
+    assert second.result(5) == [2005]  # ran on token 1005
+    assert third.result(5) == [3005]
+    assert [b for b in engine.batches] == [[(5,)], [(1005,)], [(2005,)]]
+
+
+def test_forward_next_fails_when_the_previous_forward_drew_nothing(fake):
+    engine, core = fake
+    q = core.open_instance("a").create_queue(0)
+    p = q.allocate_pages(1)
+    with pytest.raises(PieError, match="forward-next"):
+        q.forward([0], [0], p, 1, None, [Sample(0)], feeds_previous=True).result(5)  # nothing before it
+    q.forward([5], [0], p, 1, None, []).result(5)  # draws nothing
+    with pytest.raises(PieError, match="forward-next"):
+        q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True).result(5)
+    bad = q.forward([666], [1], p, 2, None, [Sample(0)])  # passes validation, fails in the step
+    with pytest.raises(PieError):
+        bad.result(5)
+    with pytest.raises(PieError, match="forward-next"):
+        q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True).result(5)
+    assert core.stats.forwards_failed == 4

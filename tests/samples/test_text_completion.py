@@ -48,8 +48,12 @@ def native_completion(sample_model_dir: Path):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_completion_equals_the_native_loop(text_completion, pie_run, native_completion, prompt):
-    run = pie_run(text_completion, "--prompt", prompt, "--max-tokens", MAX_TOKENS)
+@pytest.mark.parametrize("queue_ahead", ["off", "on"])
+def test_greedy_completion_equals_the_native_loop(text_completion, pie_run, native_completion, prompt, queue_ahead):
+    """With and without each pass queued one ahead (forward-next: the default
+    on accelerators; tests/runtime/test_host_cli.py covers stopping early)."""
+    run = pie_run(text_completion, "--prompt", prompt, "--max-tokens", MAX_TOKENS,
+                  options=("--queue-ahead", queue_ahead))
     assert run.result == native_completion(prompt)
 
 

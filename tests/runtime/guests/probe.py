@@ -62,9 +62,13 @@ def _greedy(index):
 
 def mode_generate(args):
     """Raw prefill + greedy decode: pages managed by hand, one forward per token
-    (`forward` + `get`, or `forward-wait` with a third argument "wait")."""
+    (`forward` + `get`; `forward-wait` with a third argument "wait"; each
+    pass queued one ahead with `forward-next` with "next")."""
     prompt, n = args[0], int(args[1])
-    blocking = len(args) > 2 and args[2] == "wait"
+    how = args[2] if len(args) > 2 else "future"
+    if how == "next":
+        return _generate_one_ahead(prompt, n)
+    blocking = how == "wait"
     m = _open()
     page_size = m.info().page_size
     q = m.create_queue(0)
@@ -91,6 +95,37 @@ def mode_generate(args):
         token = result[0].value
         out.append(token)
         step = [token]
+    q.free_pages(pages)
+    q.synchronize().get()
+    return {"tokens": out}
+
+
+def _generate_one_ahead(prompt, n):
+    m = _open()
+    page_size = m.info().page_size
+    q = m.create_queue(0)
+    tokens = m.tokenizer().encode(prompt)
+    pages = []
+
+    def request(step, start):
+        end = start + len(step)
+        need = (end + page_size - 1) // page_size - len(pages)
+        if need > 0:
+            pages.extend(q.allocate_pages(need))
+        return inference.ForwardRequest(
+            tokens=step, positions=list(range(start, end)), pages=list(pages),
+            last_page_len=end - (len(pages) - 1) * page_size, mask=None, outputs=[_greedy(len(step) - 1)])
+
+    current = q.forward(request(tokens, 0))
+    seq_len = len(tokens)
+    out = []
+    for i in range(n):
+        ahead = None
+        if i + 1 < n:  # queued before `current` has run: fed the token it draws
+            ahead = q.forward_next(request([0], seq_len))
+            seq_len += 1
+        out.append(current.get()[0].value)
+        current = ahead
     q.free_pages(pages)
     q.synchronize().get()
     return {"tokens": out}
