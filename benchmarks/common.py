@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,3 +187,24 @@ def release_components() -> None:
     import gc
 
     gc.collect()
+
+
+class CompileSpans:
+    """Wall-clock spans (time.time()) of JAX tracing, lowering and compiling (or loading a cached executable)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spans: list[tuple[float, float]] = []
+        from jax import monitoring
+
+        monitoring.register_event_time_span_listener(self._record)
+
+    def _record(self, event: str, start: float, end: float, **_: Any) -> None:
+        if event.startswith("/jax/core/compile/"):
+            with self._lock:
+                self.spans.append((start, end))
+
+    def within(self, start: float, end: float) -> float:
+        """Seconds of compilation that overlap [start, end]."""
+        with self._lock:
+            return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.spans)
