@@ -102,6 +102,13 @@ class BatchPolicy:
             return 0.0
         return max(0.0, oldest + self.fixed_max_wait_s - now)
 
+    @property
+    def waits_for_whole_cohort(self) -> bool:
+        """Whether, with some of the last step's queues back, only the rest coming
+        back (or the wait running out) can make it fire: the adaptive policy
+        without a cap or budget that a partial cohort could already fill."""
+        return self.name == "adaptive" and self.max_batch is None and self.token_budget is None
+
     def _full(self, ready: Sequence[Ready]) -> bool:
         """Waiting cannot grow the batch: the cap or the token budget is reached."""
         if self.max_batch is not None and len(ready) >= self.max_batch:

@@ -156,10 +156,8 @@ class Scheduler:
         wake-up per step instead of N, each of which would take the GIL from
         the instance threads that are racing to issue their next forward.
         """
-        if (self._bounded_wait and isinstance(cmd, ForwardCmd) and queue.head() is cmd
-                and queue.id in self._awaited and len(self._awaited) > 1
-                and self.policy.name == "adaptive"
-                and self.policy.max_batch is None and self.policy.token_budget is None):
+        if (self._bounded_wait and self.policy.waits_for_whole_cohort and isinstance(cmd, ForwardCmd)
+                and queue.head() is cmd and queue.id in self._awaited and len(self._awaited) > 1):
             self._awaited.discard(queue.id)
             return
         self.cv.notify_all()

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ class ServedModel:
     def decodes_one_ahead(self) -> bool:
         if self.queue_ahead is not None:
             return self.queue_ahead
-        return getattr(self.engine, "platform", "cpu") != "cpu"
+        return self.engine.platform != "cpu"
 
     @property
     def tokenizer(self) -> Any:
@@ -264,6 +265,8 @@ class InstanceContext:
         # future this instance waits on resolves, or when it is stopped.
         self._wakeup = threading.Lock()
         self._wakeup.acquire()
+        # Futures that already call `_wake` when they resolve.
+        self._watched: weakref.WeakSet[cf.Future] = weakref.WeakSet()
         self.first_call_at: float | None = None
         self.host_calls = 0
         # Why the last trapping host call trapped: wasmtime may report a later,
@@ -301,9 +304,8 @@ class InstanceContext:
         if self.stopped.done():
             raise InstanceTerminated(self.stopped.result())
         for future in futures:
-            wakers = future.__dict__.setdefault("_pie_wakers", set())
-            if self not in wakers:
-                wakers.add(self)
+            if future not in self._watched:
+                self._watched.add(future)
                 future.add_done_callback(self._wake)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -799,9 +801,7 @@ def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
     tokens = request.tokens
     pages = request.pages
     last_page_len = getattr(request, "last-page-len")
-    vocab = served.vocab_size
-    if tokens and max(tokens) >= vocab:
-        raise PieError.invalid(f"token id {max(tokens)} is outside the vocabulary [0, {vocab})")
+    vocab = served.vocab_size  # token ids are checked by the engine's validation in Queue.forward
     mask = None
     if request.mask is not None:
         if len(request.mask) != len(tokens):

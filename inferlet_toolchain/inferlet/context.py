@@ -102,6 +102,11 @@ def _get(future: Any) -> Any:
         _drop(future)
 
 
+def _sample_request(sampler: Sampler, index: int, step: int) -> "raw.OutputRequest":
+    """The contract's request to draw token number `step` at new-token `index`."""
+    return raw.OutputRequestSample(raw.SampleSpec(**sampler.spec_fields(index, step)))
+
+
 def _run_blocking(item: Any) -> Any:
     if isinstance(item, _Forward):
         return call(item.queue.forward_wait, item.request)
@@ -349,10 +354,7 @@ class Context:
                     draft = list(drafter.draft(self.tokens + self.pending))[:room]
             base = len(self.pending) - 1
             step_sampler = sampler if matcher is None else sampler.with_allowed(matcher.allowed_tokens())
-            outputs = [
-                raw.OutputRequestSample(raw.SampleSpec(**step_sampler.spec_fields(base + i, self._step + i)))
-                for i in range(len(draft) + 1)
-            ]
+            outputs = [_sample_request(step_sampler, base + i, self._step + i) for i in range(len(draft) + 1)]
             self.pending = self.pending + draft
             results = yield from self._forward_steps(outputs, None, None)
             drawn = [out.value for out in results]
@@ -398,17 +400,15 @@ class Context:
         generated: list[int] = []
         reason: Optional[str] = None
 
-        def sample_at(index: int, step: int) -> "raw.OutputRequest":
-            return raw.OutputRequestSample(raw.SampleSpec(**sampler.spec_fields(index, step)))
-
         tokens, self.pending = self.pending, []
-        current = call(self.queue.forward, self._request(tokens, [sample_at(len(tokens) - 1, self._step)], None, None))
+        first = self._request(tokens, [_sample_request(sampler, len(tokens) - 1, self._step)], None, None)
+        current = call(self.queue.forward, first)
         ahead = None
         try:
             while reason is None:
                 if len(generated) + 1 < stop.max_tokens:
                     # Token 0 stands in for the token `current` will draw.
-                    request = self._request([0], [sample_at(0, self._step + 1)], None, None)
+                    request = self._request([0], [_sample_request(sampler, 0, self._step + 1)], None, None)
                     ahead = call(self.queue.forward_next, request)
                 waiting, current = current, None
                 (out,) = yield waiting  # the driver waits for it and drops it
