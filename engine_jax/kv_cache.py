@@ -10,6 +10,7 @@ application, or on a page freshly handed out by ``PagePool.alloc``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -72,6 +73,9 @@ class PagePool:
     Pages handed out by ``alloc`` are remembered until ``take_fresh`` so the
     engine can clear their valid bits before their first use: a reused page
     must never expose its previous owner's KV.
+
+    Thread-safe: a server allocates and frees on its request threads while
+    the engine thread takes the fresh pages at the start of a step.
     """
 
     def __init__(self, num_pages: int) -> None:
@@ -82,6 +86,7 @@ class PagePool:
         self._free = list(range(num_pages - 1, -1, -1))
         self._is_free = np.ones(num_pages, dtype=bool)
         self._fresh: list[int] = []
+        self._lock = threading.Lock()
 
     @property
     def num_pages(self) -> int:
@@ -94,13 +99,14 @@ class PagePool:
     def alloc(self, n: int) -> list[int]:
         if n < 0:
             raise EngineInputError(f"cannot allocate a negative number of pages ({n})")
-        if n > len(self._free):
-            raise OutOfPages(
-                f"out of KV pages: requested {n}, only {len(self._free)} of {self._num_pages} free"
-            )
-        ids = [self._free.pop() for _ in range(n)]
-        self._is_free[ids] = False
-        self._fresh.extend(ids)
+        with self._lock:
+            if n > len(self._free):
+                raise OutOfPages(
+                    f"out of KV pages: requested {n}, only {len(self._free)} of {self._num_pages} free"
+                )
+            ids = [self._free.pop() for _ in range(n)]
+            self._is_free[ids] = False
+            self._fresh.extend(ids)
         return ids
 
     def free(self, ids: Iterable[int]) -> None:
@@ -110,16 +116,18 @@ class PagePool:
                 raise EngineInputError(f"page id {i} is out of range 0..{self._num_pages - 1}")
         if len(set(ids)) != len(ids):
             raise EngineInputError(f"page ids to free contain duplicates: {ids}")
-        already = [i for i in ids if self._is_free[i]]
-        if already:
-            raise EngineInputError(f"pages {already} are already free")
-        self._is_free[ids] = True
-        self._free.extend(reversed(ids))
+        with self._lock:
+            already = [i for i in ids if self._is_free[i]]
+            if already:
+                raise EngineInputError(f"pages {already} are already free")
+            self._is_free[ids] = True
+            self._free.extend(reversed(ids))
 
     def is_allocated(self, page: int) -> bool:
         return 0 <= page < self._num_pages and not self._is_free[page]
 
     def take_fresh(self) -> list[int]:
         """Pages allocated since the last call (the engine clears their valid bits)."""
-        fresh, self._fresh = self._fresh, []
+        with self._lock:
+            fresh, self._fresh = self._fresh, []
         return fresh

@@ -53,6 +53,7 @@ exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage 
 
 def _parser() -> argparse.ArgumentParser:
     from engine_jax.registry import DEFAULT_MODEL
+    from pie_runtime.policies import DEFAULT_DECODE_RUN
 
     p = argparse.ArgumentParser(
         prog="pie-run",
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tell inferlets to queue each decode pass one ahead of the last (forward-next), "
                         "so their own work overlaps the step: auto = on an accelerator, off on a CPU, "
                         "where it would compete with the step for the cores (default auto)")
+    p.add_argument("--decode-run", type=_positive_int, default=None, metavar="N",
+                   help="tell inferlets to draw N tokens per call (forward-run) when they do not queue "
+                        f"ahead: their per-token work is then paid once per N tokens, and tokens arrive "
+                        f"N at a time; 1 = a call per token (default {DEFAULT_DECODE_RUN})")
     p.add_argument("--allow", default="", metavar="CAPS",
                    help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
     p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",
@@ -283,7 +288,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
 
     core = ServingCore(engine, policy=args.batching).start()
     queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
-    host = Host([ServedModel(loaded.name, engine, core, queue_ahead)], guest_output=console.guest_output)
+    served = ServedModel(loaded.name, engine, core, queue_ahead, args.decode_run)
+    host = Host([served], guest_output=console.guest_output)
     for program in registered:
         host.register_program(program)
     limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)

@@ -156,8 +156,10 @@ class Scheduler:
         wake-up per step instead of N, each of which would take the GIL from
         the instance threads that are racing to issue their next forward.
         """
+        if queue.head() is not cmd:
+            return  # the engine thread only looks at heads: one behind cannot change its decision
         if (self._bounded_wait and self.policy.waits_for_whole_cohort and isinstance(cmd, ForwardCmd)
-                and queue.head() is cmd and queue.id in self._awaited and len(self._awaited) > 1):
+                and queue.id in self._awaited and len(self._awaited) > 1):
             self._awaited.discard(queue.id)
             return
         self.cv.notify_all()
@@ -189,13 +191,14 @@ class Scheduler:
         return futures
 
     def alloc_pages(self, count: int) -> list[int]:
-        """Takes `count` pages from the engine's pool, all or nothing.
+        """Takes `count` pages from the engine's pool, all or nothing;
+        released pages are flushed first when that helps.
 
-        The engine reads the pool during a step (it clears the valid bits of
-        freshly allocated pages), so an instance thread waits for the step in
-        flight to end; released pages are flushed first when that helps."""
-        if threading.current_thread() is not self._thread:
-            self.cv.wait_for(lambda: not self._stepping)
+        Safe while a step is in flight (called with the lock held, which the
+        engine thread does not hold during a step): the pool is thread-safe,
+        a page that is free is in no request of that step, and the engine
+        clears a fresh page's valid bits at the start of the next step,
+        before anything can read it."""
         pool = self.engine.pool
         if pool.num_free < count:
             self.flush_released()

@@ -361,44 +361,159 @@ class Queue:
         With `feeds_previous` the first token is replaced, when the pass runs,
         by the token this queue's previous forward drew (`tokens[0]` is a
         placeholder, validated as given)."""
-        cmd = ForwardCmd(
-            tokens=tuple(map(int, tokens)),
-            positions=tuple(map(int, positions)),
-            pages=tuple(map(int, pages)),
-            last_page_len=int(last_page_len),
-            mask=None if mask is None else np.asarray(mask, dtype=bool),
-            outputs=tuple(outputs),
-            feeds_previous=bool(feeds_previous),
-        )
-        for out in cmd.outputs:
-            if not isinstance(out, (Sample, Distribution, Logprobs)):
-                raise PieError.invalid(f"unknown output request {out!r}")
-        if not cmd.pages:
-            raise PieError.invalid("a forward needs at least one page")
-        if not 1 <= cmd.last_page_len <= self._core.page_size:
-            raise PieError.invalid(f"last_page_len {cmd.last_page_len} is outside 1..{self._core.page_size}")
+        cmd = _forward_cmd(tokens, positions, pages, last_page_len, mask, outputs, feeds_previous)
+        _check_shape(cmd, self._core.page_size)
         with self._core._cv:
             self._check_open()
             self._pages.check_live(self.instance_id, cmd.pages, distinct=True)
-            # Validated once, here, against today's physical pages: copy-on-write
-            # may remap them before the step, but only to fresh private pages, and
-            # shapes, ranges and ids do not change (the scheduler does not
-            # validate again).
-            physical = self._pages.physical
-            request = ForwardRequest(
-                tokens=cmd.tokens,
-                positions=cmd.positions,
-                pages=[physical(self.instance_id, v) for v in cmd.pages],
-                last_page_len=cmd.last_page_len,
-                mask=cmd.mask,
-                outputs=cmd.outputs,
-            )
-            try:
-                self._core.engine.validate(request)
-            except EngineInputError as exc:
-                raise PieError.invalid(str(exc)) from exc
+            self._validate(cmd)
             self._push(cmd)
             return cmd.future
+
+    def forward_run(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        pages: Sequence[int],
+        last_page_len: int,
+        outputs: Sequence[OutputRequest],
+        draws: Sequence[Sample],
+    ) -> Future:
+        """Enqueues a decode run: a forward pass over `tokens`, then one pass
+        per entry of `draws`, each over one new token, the token the pass
+        before it drew (its last sample output), at the next slot and the
+        next position (after the last of `positions`), drawing with that
+        entry (whose index must be 0).
+
+        `pages` and `last_page_len` describe the sequence after the whole run
+        (`len(tokens) + len(draws)` new slots). The future resolves once the
+        last pass has run, to the first pass's outputs followed by one token
+        per draw; if a pass fails, the rest fail with it and the future
+        reports the first error. The inferlet hands over `len(draws) + 1`
+        tokens of decoding in one call: its own work (and the host's) is paid
+        once per run instead of once per token.
+        """
+        cmd = _forward_cmd(tokens, positions, pages, last_page_len, None, outputs, False)
+        if not cmd.tokens:
+            raise PieError.invalid("a decode run needs at least one new token in its first pass")
+        if not any(isinstance(out, Sample) for out in cmd.outputs):
+            raise PieError.invalid("a decode run's first pass must draw a token (a sample output) to feed the next")
+        for i, draw in enumerate(draws):
+            if not isinstance(draw, Sample):
+                raise PieError.invalid(f"draws[{i}] is not a sample request")
+            if draw.index != 0:
+                raise PieError.invalid(f"draws[{i}].index is {draw.index}; a run's later passes have one token (index 0)")
+        _check_shape(cmd, self._core.page_size)
+        if len(cmd.positions) != len(cmd.tokens):
+            raise PieError.invalid(f"{len(cmd.tokens)} tokens but {len(cmd.positions)} positions")
+        page_size = self._core.page_size
+        total = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
+        first_len = total - len(draws)
+        if first_len < len(cmd.tokens):
+            raise PieError.invalid(
+                f"the pages hold {total} slots: too few for {len(cmd.tokens)} tokens and {len(draws)} draws")
+        all_pages, last_position = cmd.pages, cmd.positions[-1]
+        cmds = [_on_prefix(cmd, all_pages, first_len, page_size)]
+        for i, draw in enumerate(draws, start=1):
+            follow = ForwardCmd(tokens=(0,), positions=(last_position + i,), pages=(), last_page_len=0,
+                                mask=None, outputs=(draw,), feeds_previous=True)
+            cmds.append(_on_prefix(follow, all_pages, first_len + i, page_size))
+        with self._core._cv:
+            self._check_open()
+            self._pages.check_live(self.instance_id, all_pages, distinct=True)
+            # The first and the last pass whole; between them only the draws
+            # differ (their positions lie between, their pages are prefixes).
+            self._validate(cmds[0])
+            if len(cmds) > 1:
+                self._validate(cmds[-1])
+            try:
+                for i, draw in enumerate(draws[:-1]):
+                    self._core.engine.validate_output(draw, i, 1)
+            except EngineInputError as exc:
+                raise PieError.invalid(str(exc).replace("outputs[", "draws[")) from exc
+            for each in cmds:
+                self._push(each)
+        return _gather_run([each.future for each in cmds])
+
+    def _validate(self, cmd: ForwardCmd) -> None:
+        """Validates the command once, here, against today's physical pages:
+        copy-on-write may remap them before the step, but only to fresh
+        private pages, and shapes, ranges and ids do not change (the scheduler
+        does not validate again). Called with the lock held."""
+        physical = self._pages.physical
+        request = ForwardRequest(
+            tokens=cmd.tokens,
+            positions=cmd.positions,
+            pages=[physical(self.instance_id, v) for v in cmd.pages],
+            last_page_len=cmd.last_page_len,
+            mask=cmd.mask,
+            outputs=cmd.outputs,
+        )
+        try:
+            self._core.engine.validate(request)
+        except EngineInputError as exc:
+            raise PieError.invalid(str(exc)) from exc
+
+
+def _forward_cmd(tokens: Sequence[int], positions: Sequence[int], pages: Sequence[int], last_page_len: int,
+                 mask: np.ndarray | None, outputs: Sequence[OutputRequest], feeds_previous: bool) -> ForwardCmd:
+    cmd = ForwardCmd(
+        tokens=tuple(map(int, tokens)),
+        positions=tuple(map(int, positions)),
+        pages=tuple(map(int, pages)),
+        last_page_len=int(last_page_len),
+        mask=None if mask is None else np.asarray(mask, dtype=bool),
+        outputs=tuple(outputs),
+        feeds_previous=bool(feeds_previous),
+    )
+    for out in cmd.outputs:
+        if not isinstance(out, (Sample, Distribution, Logprobs)):
+            raise PieError.invalid(f"unknown output request {out!r}")
+    return cmd
+
+
+def _check_shape(cmd: ForwardCmd, page_size: int) -> None:
+    if not cmd.pages:
+        raise PieError.invalid("a forward needs at least one page")
+    if not 1 <= cmd.last_page_len <= page_size:
+        raise PieError.invalid(f"last_page_len {cmd.last_page_len} is outside 1..{page_size}")
+
+
+def _on_prefix(cmd: ForwardCmd, pages: tuple[int, ...], seq_len: int, page_size: int) -> ForwardCmd:
+    """`cmd` set to run on the first `seq_len` slots of `pages` (one pass of a decode run)."""
+    used = -(-seq_len // page_size)
+    cmd.pages = pages[:used]
+    cmd.last_page_len = seq_len - (used - 1) * page_size
+    return cmd
+
+
+def _gather_run(futures: list[Future]) -> Future:
+    """One future for a decode run's passes: the first pass's outputs, then
+    the token each later pass drew; the first failure if any failed."""
+    run: Future = Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        for future in futures:
+            if future.cancelled():
+                settle(run, error=PieError.closed("the run was cancelled"))
+                return
+            error = future.exception()
+            if error is not None:
+                settle(run, error=error)
+                return
+        outputs = list(futures[0].result())
+        outputs.extend(future.result()[0] for future in futures[1:])
+        settle(run, outputs)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return run
 
 
 def _check_u32(what: str, value: int) -> None:

@@ -49,6 +49,7 @@ from wasmtime.component import Linker, Record, ResourceType
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
 from pie_runtime import component_cache, grammar, host_calls, wit_codecs
 from pie_runtime.errors import PieError
+from pie_runtime.policies import DEFAULT_DECODE_RUN
 from pie_runtime.kvstore import KVStore, NamespacedKV
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
 
@@ -136,11 +137,18 @@ class ServedModel:
     # model-info's queue-ahead hint; None = on when the engine runs on an accelerator.
     queue_ahead: bool | None = None
 
+    # model-info's decode-run hint: tokens per `forward-run` call; None = DEFAULT_DECODE_RUN.
+    decode_run: int | None = None
+
     @property
     def decodes_one_ahead(self) -> bool:
         if self.queue_ahead is not None:
             return self.queue_ahead
         return self.engine.platform != "cpu"
+
+    @property
+    def decode_run_length(self) -> int:
+        return DEFAULT_DECODE_RUN if self.decode_run is None else self.decode_run
 
     @property
     def tokenizer(self) -> Any:
@@ -429,20 +437,24 @@ def encode_brle(mask: Sequence[bool] | np.ndarray) -> list[int]:
     return runs
 
 
+def _sample(spec: Any, vocab_size: int) -> Sample:
+    allowed = spec.allowed
+    allowed_mask = None if allowed is None else decode_brle(allowed, vocab_size, "sample.allowed")
+    return Sample(
+        index=spec.index,
+        temperature=float(spec.temperature),
+        top_k=getattr(spec, "top-k"),
+        top_p=float(getattr(spec, "top-p")),
+        min_p=float(getattr(spec, "min-p")),
+        seed=spec.seed,
+        allowed=allowed_mask,
+    )
+
+
 def _output_request(req: Any, vocab_size: int) -> Any:
     tag, spec = req.tag, req.payload
     if tag == "sample":
-        allowed = spec.allowed
-        allowed_mask = None if allowed is None else decode_brle(allowed, vocab_size, "sample.allowed")
-        return Sample(
-            index=spec.index,
-            temperature=float(spec.temperature),
-            top_k=getattr(spec, "top-k"),
-            top_p=float(getattr(spec, "top-p")),
-            min_p=float(getattr(spec, "min-p")),
-            seed=spec.seed,
-            allowed=allowed_mask,
-        )
+        return _sample(spec, vocab_size)
     if tag == "distribution":
         return Distribution(index=spec.index, k=spec.k, temperature=float(spec.temperature))
     if tag == "logprobs":
@@ -714,6 +726,7 @@ def _model_info(ctx, store, this):
         ("bos-token", None if bos is None else int(bos)),
         ("chat-template", tok.chat_template or ""),
         ("queue-ahead", served.decodes_one_ahead),
+        ("decode-run", served.decode_run_length),
     ):
         setattr(info, name, value)
     return info
@@ -793,15 +806,13 @@ def _queue_list_exports(ctx, store, this):
     return [str(n) for n in _queue(ctx, store, this).queue.list_exports()]
 
 
-def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
-                    feeds_previous: bool = False) -> HostFuture:
-    """Translates a WIT forward-request and enqueues it; returns its future."""
-    handle = _queue(ctx, store, this)
-    served = handle.served
+def _forward_args(served: ServedModel, request: Any) -> tuple[Any, ...]:
+    """A WIT forward-request as `Queue.forward` arguments (tokens, positions,
+    pages, last-page-len, mask, outputs); token ids are checked by the
+    engine's validation in the queue."""
     tokens = request.tokens
     pages = request.pages
     last_page_len = getattr(request, "last-page-len")
-    vocab = served.vocab_size  # token ids are checked by the engine's validation in Queue.forward
     mask = None
     if request.mask is not None:
         if len(request.mask) != len(tokens):
@@ -813,16 +824,26 @@ def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
             mask = np.stack([decode_brle(row, seq_len, f"mask row {i}") for i, row in enumerate(request.mask)])
         else:
             mask = np.zeros((0, seq_len), dtype=bool)
-    outputs = [_output_request(o, vocab) for o in request.outputs]
+    outputs = [_output_request(o, served.vocab_size) for o in request.outputs]
+    return tokens, request.positions, pages, last_page_len, mask, outputs
 
+
+def _outputs_converter(outputs: Sequence[Any]) -> Callable[[Sequence[Any]], list[Any]]:
     def convert(results: Sequence[Any]) -> list[Any]:
         if len(results) != len(outputs):
             raise PieError.internal(f"engine returned {len(results)} outputs for {len(outputs)} requests")
         return [_output_value(req, res) for req, res in zip(outputs, results)]
 
-    future = handle.queue.forward(tokens, request.positions, pages, last_page_len, mask, outputs,
-                                  feeds_previous=feeds_previous)
-    return HostFuture(future, convert=convert)
+    return convert
+
+
+def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
+                    feeds_previous: bool = False) -> HostFuture:
+    """Translates a WIT forward-request and enqueues it; returns its future."""
+    handle = _queue(ctx, store, this)
+    args = _forward_args(handle.served, request)
+    future = handle.queue.forward(*args, feeds_previous=feeds_previous)
+    return HostFuture(future, convert=_outputs_converter(args[5]))
 
 
 def _queue_forward(ctx, store, this, request):
@@ -835,6 +856,18 @@ def _queue_forward_next(ctx, store, this, request):
 
 def _queue_forward_wait(ctx, store, this, request):
     return _future_result(ctx, _submit_forward(ctx, store, this, request))
+
+
+def _queue_forward_run(ctx, store, this, request, draws):
+    handle = _queue(ctx, store, this)
+    served = handle.served
+    tokens, positions, pages, last_page_len, mask, outputs = _forward_args(served, request)
+    if mask is not None:
+        raise PieError.invalid("a decode run attends causally: its request takes no mask (use forward)")
+    samples = [_sample(d, served.vocab_size) for d in draws]
+    future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, samples)
+    return _own(ctx, Kind.FORWARD_FUTURE,
+                HostFuture(future, convert=_outputs_converter(list(outputs) + samples)))
 
 
 def _forward_future_get(ctx, store, this):
@@ -949,6 +982,7 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]queue.forward", _queue_forward, True),
             ("[method]queue.forward-wait", _queue_forward_wait, True),
             ("[method]queue.forward-next", _queue_forward_next, True),
+            ("[method]queue.forward-run", _queue_forward_run, True),
         ),
     ),
     "model": (

@@ -334,14 +334,21 @@ class Context:
     # Generation ----------------------------------------------------------
     def _generate_steps(self, sampler: Sampler, stop: Stop, drafter: Optional[Drafter],
                         on_token: Optional[Callable[[int], None]],
-                        grammar: Union[Grammar, Matcher, None] = None) -> Steps:
+                        grammar: Union[Grammar, Matcher, None] = None,
+                        run_length: Optional[int] = None) -> Steps:
         if not self.pending:
             raise ValueError("nothing to generate from: fill() a prompt first")
         if grammar is not None and drafter is not None:
             raise ValueError("generate() takes a grammar or a drafter, not both")
         stop = stop.bind(self.model.eos_tokens)
-        if drafter is None and grammar is None and self.model.info.queue_ahead:
-            return (yield from self._pipelined_steps(sampler, stop, on_token))
+        if drafter is None and grammar is None:
+            if self.model.info.queue_ahead:
+                return (yield from self._pipelined_steps(sampler, stop, on_token))
+            run = self.model.info.decode_run if run_length is None else run_length
+            if run < 1:
+                raise ValueError(f"run_length must be >= 1, got {run}")
+            if run > 1:
+                return (yield from self._run_steps(sampler, stop, on_token, run))
         matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         tokenizer = self.model.tokenizer
         generated: list[int] = []
@@ -386,6 +393,43 @@ class Context:
             self.pending = [generated[-1]]
         if matcher is not grammar:
             matcher.close()  # made here from a Grammar
+        return self._finish(generated, reason, stop)
+
+    def _run_steps(self, sampler: Sampler, stop: Stop, on_token: Optional[Callable[[int], None]],
+                   run: int) -> Steps:
+        """generate() without a drafter or grammar, `run` tokens per call
+        (`forward-run`): the pending tokens, then passes each fed the token
+        the one before drew. The KV then holds every drawn token but the
+        last; tokens after a stop are rolled back."""
+        tokenizer = self.model.tokenizer
+        generated: list[int] = []
+        reason: Optional[str] = None
+        while reason is None:
+            length = min(run, stop.max_tokens - len(generated))
+            tokens, self.pending = self.pending, []
+            # Room and slots for the whole run: the pending tokens, then the
+            # drawn ones (zeros until they are known) but the last.
+            request = self._request(tokens + [0] * (length - 1),
+                                    [_sample_request(sampler, len(tokens) - 1, self._step)], None, None)
+            request.tokens = tokens
+            request.positions = request.positions[:len(tokens)]
+            draws = [raw.SampleSpec(**sampler.spec_fields(0, self._step + i)) for i in range(1, length)]
+            outputs = yield call(self.queue.forward_run, request, draws)
+            drawn = [out.value for out in outputs]
+            if length > 1:
+                self.tokens[-(length - 1):] = drawn[:-1]
+            used = 0
+            for token in drawn:
+                generated.append(token)
+                used += 1
+                if on_token is not None:
+                    on_token(token)
+                reason = stop.check(generated, tokenizer.decode(generated) if stop.needs_text else None)
+                if reason is not None:
+                    break
+            self._step += used
+            self._rollback(length - used)  # the passes that ran past the stop
+            self.pending = [generated[-1]]
         return self._finish(generated, reason, stop)
 
     def _pipelined_steps(self, sampler: Sampler, stop: Stop,
@@ -449,29 +493,35 @@ class Context:
     def generate(self, sampler: Optional[Sampler] = None, stop: Optional[Stop] = None, *,
                  drafter: Optional[Drafter] = None,
                  on_token: Optional[Callable[[int], None]] = None,
-                 grammar: Union[Grammar, Matcher, None] = None) -> str:
+                 grammar: Union[Grammar, Matcher, None] = None,
+                 run_length: Optional[int] = None) -> str:
         """Generates until `stop` (default: EOS or 256 tokens); returns the new text.
 
         Each step is one forward pass of the newest token with a sample
         request at its index. When the server asks for it (model info
         `queue_ahead`: on accelerators), each pass is queued before the token
         of the one before it is known, so the engine never waits for this
-        inferlet between steps. With a `drafter`, each pass also verifies the
+        inferlet between steps. Otherwise the passes go to the server
+        `run_length` at a time (default: model info `decode_run`; 1 = one
+        call per token): `on_token` then sees the tokens in bursts, and the
+        passes of a run past a stop token are rolled back. With a `drafter`, each pass also verifies the
         drafter's proposed tokens (speculative decoding). With a `grammar`
         (or a `Matcher`, which then advances), each draw is restricted to the
         tokens it allows (replacing `sampler.allowed`) and generation also
         stops, with `stop_reason` "grammar", once the match is finished.
         """
-        return _drive(self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar))
+        return _drive(self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar,
+                                           run_length))
 
     async def generate_async(self, sampler: Optional[Sampler] = None, stop: Optional[Stop] = None, *,
                              drafter: Optional[Drafter] = None,
                              on_token: Optional[Callable[[int], None]] = None,
-                             grammar: Union[Grammar, Matcher, None] = None) -> str:
+                             grammar: Union[Grammar, Matcher, None] = None,
+                             run_length: Optional[int] = None) -> str:
         """`generate` as a coroutine: concurrent contexts (e.g. forks under
         `asyncio.gather`) wait together and are batched by the server."""
         return await _drive_async(
-            self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar))
+            self._generate_steps(sampler or Sampler(), stop or Stop(), drafter, on_token, grammar, run_length))
 
     # Editing the KV ------------------------------------------------------
     def _rollback(self, count: int) -> None:

@@ -98,6 +98,7 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("inference", "queue", "forward"): Queue.forward,
     ("inference", "queue", "forward-wait"): Queue.forward_wait,
     ("inference", "queue", "forward-next"): Queue.forward_next,
+    ("inference", "queue", "forward-run"): Queue.forward_run,
     ("grammar", "matcher", "from-json-schema"): Matcher.from_json_schema,
     ("grammar", "matcher", "from-regex"): Matcher.from_regex,
     ("grammar", "matcher", "from-ebnf"): Matcher.from_ebnf,

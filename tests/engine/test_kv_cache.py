@@ -45,6 +45,43 @@ def test_pool_rejects_bad_frees():
         pool.alloc(-1)
 
 
+def test_pool_is_consistent_under_concurrent_alloc_free_and_take_fresh():
+    """Request threads allocate and free while the engine thread takes the
+    fresh pages: every page handed out is taken as fresh exactly once per
+    allocation, and the free count comes back."""
+    import threading
+
+    pool = PagePool(64)
+    allocations: list[int] = []
+    taken: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def request_thread() -> None:
+        for _ in range(300):
+            ids = pool.alloc(3)
+            with lock:
+                allocations.extend(ids)
+            pool.free(ids)
+
+    def engine_thread() -> None:
+        while not stop.is_set():
+            taken.extend(pool.take_fresh())
+
+    engine = threading.Thread(target=engine_thread)
+    engine.start()
+    workers = [threading.Thread(target=request_thread) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    engine.join()
+    taken.extend(pool.take_fresh())
+    assert sorted(taken) == sorted(allocations) and len(allocations) == 4 * 300 * 3
+    assert pool.num_free == 64
+
+
 def test_budget_sizing():
     config = ModelConfig(architecture="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
                          num_layers=3, num_heads=2, num_kv_heads=1, head_dim=4)

@@ -114,10 +114,11 @@ def test_model_info_and_tokenizer_match_the_engine(host, probe, engine):
     assert r["chat"] == tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("how", ["future", "wait", "next"])
+@pytest.mark.parametrize("how", ["future", "wait", "next", "run5"])
 def test_raw_prefill_decode_loop_equals_engine_greedy(host, probe, engine, core, tiny_llama_model, how):
-    """Every way of running a pass (`forward` + `get`, `forward-wait`, and each
-    pass queued one ahead with `forward-next`) gives the engine's tokens."""
+    """Every way of running a pass (`forward` + `get`, `forward-wait`, each
+    pass queued one ahead with `forward-next`, and runs of 5 passes per
+    `forward-run` call, across page boundaries) gives the engine's tokens."""
     prompt = "The quick brown fox"
     r = _ok_json(run(host, probe, "generate", prompt, "12", how))
     expected = engine_greedy(tiny_llama_model, engine.tokenizer.encode(prompt), 12)
@@ -147,6 +148,11 @@ def test_bad_arguments_are_errors_for_the_guest_and_the_host_keeps_serving(host,
         "forward_wait_unknown_page": "not-found",
         "forward_wait_bad_token": "invalid-argument",
         "forward_wait_output_index": "invalid-argument",
+        "forward_run_mask": "invalid-argument",
+        "forward_run_no_sample": "invalid-argument",
+        "forward_run_draw_index": "invalid-argument",
+        "forward_run_too_few_slots": "invalid-argument",
+        "forward_run_past_max_positions": "invalid-argument",
         "import_unknown": "not-found",
         "unexport_unknown": "not-found",
         "allocate_too_many": "out-of-memory",

@@ -165,12 +165,14 @@ STOP_AND_GO = REPO / "tests" / "runtime" / "guests" / "stop_and_go.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("queue_ahead", ["off", "on"])
+@pytest.mark.parametrize("options", [("--queue-ahead", "off", "--decode-run", "1"),
+                                     ("--queue-ahead", "off", "--decode-run", "3"),
+                                     ("--queue-ahead", "on")], ids=["per-token", "runs-of-3", "queue-ahead"])
 def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llama_dir, tiny_llama_model,
-                                                                       queue_ahead):
-    """generate() stopped by a stop token, then continued: with every decode
-    pass queued one ahead (forward-next) the pass queued past the stop is rolled
-    back, and both parts equal one uninterrupted greedy run of the engine."""
+                                                                       options):
+    """generate() stopped by a stop token, then continued: the passes a run
+    drew past the stop, or the pass queued one ahead (forward-next), are
+    rolled back, and both parts equal one uninterrupted greedy run of the engine."""
     from tests.runtime.guests.fixtures import engine_greedy
 
     prompt = "Hello world"
@@ -181,7 +183,7 @@ def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llam
     expected = engine_greedy(tiny_llama_model, ids, 12, page_size=4)
     # The first token that did not occur before it: generation stops there, early.
     k = next(i for i in range(1, 8) if expected[i] not in expected[:i])
-    code, out, err = pie_run([STOP_AND_GO, "--model", tiny_llama_dir, *MODEL_OPTS, "--queue-ahead", queue_ahead,
+    code, out, err = pie_run([STOP_AND_GO, "--model", tiny_llama_dir, *MODEL_OPTS, *options,
                               "--", "--prompt", prompt, "--stop-token", expected[k], "--max-tokens", 10,
                               "--more", 4])
     assert code == 0, err

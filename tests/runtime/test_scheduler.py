@@ -126,6 +126,10 @@ class RecordingEngine:
         if -1 in req.tokens:
             raise EngineInputError("token -1 is outside the vocabulary")
 
+    def validate_output(self, out, i: int, n: int) -> None:
+        if out.temperature < 0:
+            raise EngineInputError(f"outputs[{i}].temperature={out.temperature} must be >= 0")
+
     def step(self, requests, validated: bool = False):
         self.in_step.set()
         self.gate.wait(10)
@@ -282,23 +286,24 @@ def test_close_cancels_pending_commands_and_keeps_serving_others(fake):
     assert (2,) not in [t for batch in engine.batches for t in batch]
 
 
-def test_released_pages_are_not_reused_while_a_step_is_in_flight(fake):
+def test_released_pages_are_reused_at_once_but_only_as_fresh_pages(fake):
+    """A page released while a step writes it may be handed out at once: the
+    engine clears a fresh page's valid bits before its next step or device
+    op, that is after the step in flight, so the new owner never sees the
+    old KV (engine_jax tests: fresh pages are cleared before every device op)."""
     engine, core = fake
     qa = core.open_instance("a").create_queue(0)
     qb = core.open_instance("b").create_queue(0)
     all_pages = qa.allocate_pages(engine.pool.num_free)
+    engine.pool.take_fresh()  # forget the pages taken so far: the engine would clear those now
     engine.gate.clear()
     fwd(qa, 1, all_pages[:1])
     assert engine.in_step.wait(5)
     core.close_instance("a")  # its pages are released mid-step
-    got: list[int] = []
-    t = threading.Thread(target=lambda: got.extend(qb.allocate_pages(1)))
-    t.start()
-    time.sleep(0.1)
-    assert not got  # waits for the step to end rather than reuse a page it writes
+    got = qb.allocate_pages(1)
+    assert engine.in_step.is_set()  # the step is still held open
+    assert engine.pool.take_fresh() == [core._pages.physical("b", got[0])]
     engine.gate.set()
-    t.join(5)
-    assert len(got) == 1
 
 
 def test_a_request_the_engine_rejects_at_step_time_fails_alone(fake):
@@ -450,3 +455,49 @@ def test_forward_next_fails_when_the_previous_forward_drew_nothing(fake):
     with pytest.raises(PieError, match="forward-next"):
         q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True).result(5)
     assert core.stats.forwards_failed == 4
+
+
+def test_forward_run_chains_passes_each_fed_the_token_the_one_before_drew(fake):
+    """A decode run: the first pass, then one single-token pass per draw at
+    the next slot and position, each on the pages its slots need; one
+    future with every token."""
+    engine, core = fake
+    inst = core.open_instance("a")
+    q = inst.create_queue(0)
+    other = inst.create_queue(0)
+    p = q.allocate_pages(2)  # 2 prompt tokens + 3 more slots = 5 slots: crosses the page boundary
+    po = other.allocate_pages(1)
+    engine.gate.clear()
+    run = q.forward_run([7, 8], [0, 1], p, 1, [Sample(1)], [Sample(0), Sample(0), Sample(0)])
+    alone = fwd(other, 50, po)  # another queue's forward joins the run's first step
+    engine.gate.set()
+    assert run.result(5) == [1008, 2008, 3008, 4008]
+    alone.result(5)
+    assert sorted(engine.batches[0]) == [(7, 8), (50,)]
+    assert engine.batches[1:] == [[(1008,)], [(2008,)], [(3008,)]]
+    passes = [entry for entry in engine.log if entry[1] != (50,)]
+    # Slots 0-1 and 2 on the first page, then 3 (the page is full), then 4 on the second.
+    assert [len(pages) for _, _, pages in passes] == [1, 1, 1, 2]
+
+
+def test_forward_run_checks_its_shape_at_once_and_a_failed_pass_fails_the_run(fake):
+    engine, core = fake
+    q = core.open_instance("a").create_queue(0)
+    p = q.allocate_pages(1)
+    with pytest.raises(PieError, match="sample output"):
+        q.forward_run([7], [0], p, 2, [], [Sample(0)])
+    with pytest.raises(PieError, match="index"):
+        q.forward_run([7], [0], p, 2, [Sample(0)], [Sample(1)])
+    with pytest.raises(PieError, match="too few"):
+        q.forward_run([7, 8], [0, 1], p, 2, [Sample(1)], [Sample(0)])  # 2 slots for 3
+    with pytest.raises(PieError, match="positions"):
+        q.forward_run([7, 8], [0], p, 3, [Sample(1)], [Sample(0)])
+    with pytest.raises(PieError, match="vocabulary"):
+        q.forward_run([-1], [0], p, 2, [Sample(0)], [Sample(0)])
+    with pytest.raises(PieError, match=r"draws\[0\].temperature"):  # a draw between the first and last pass
+        q.forward_run([7], [0], p, 3, [Sample(0)], [Sample(0, temperature=-1.0), Sample(0)])
+    assert engine.batches == []  # nothing was queued
+    run = q.forward_run([666], [0], p, 3, [Sample(0)], [Sample(0), Sample(0)])  # fails in the step
+    with pytest.raises(PieError, match="666"):
+        run.result(5)
+    assert q.forward_run([9], [0], p, 2, [Sample(0)], [Sample(0)]).result(5) == [1009, 2009]

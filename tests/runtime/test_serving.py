@@ -367,7 +367,8 @@ def test_closing_with_pending_commands_cancels_them_while_others_keep_serving(se
 
 
 # ---------------------------------------------------------------- random page operations
-KINDS = ["alloc", "free", "export", "export", "unexport", "import", "import", "copy", "copy", "mask", "forward", "forward", "sync"]
+KINDS = ["alloc", "free", "export", "export", "unexport", "import", "import", "copy", "copy", "mask", "forward", "forward",
+         "run", "sync"]
 OPS = st.lists(
     st.tuples(
         st.sampled_from(KINDS),
@@ -418,6 +419,11 @@ def test_random_page_operations_keep_refcounts_and_return_every_page(serving_cor
                 tokens = [7 + n] * (n % 2 + 1)
                 last = n % ps + 1
                 futures.append(q.forward(tokens, [0, 1][: len(tokens)], pages, last, None, [Sample(0)]))
+            elif kind == "run":  # draws with index 1 and first passes without a sample are invalid
+                tokens = [9 + n] * (n % 2 + 1)
+                first = [Sample(len(tokens) - 1)] if flag or n else []
+                futures.append(q.forward_run(tokens, [0, 1][: len(tokens)], pages, n % ps + 1, first,
+                                             [Sample(n // 4)] * (n % 3)))
             elif kind == "sync":
                 futures.append(q.synchronize())
         except PieError as exc:
@@ -440,3 +446,51 @@ def test_random_page_operations_keep_refcounts_and_return_every_page(serving_cor
     cleanup.close()
     assert core.wait_idle(10)
     assert core.held_pages() == 0 and core.free_pages() == initial
+
+
+_RUN_PROMPTS = PROMPTS[:3]
+
+
+@pytest.fixture(scope="module")
+def per_token_greedy(runtime_engine) -> dict[int, list[int]]:
+    """20 greedy tokens after each of `_RUN_PROMPTS`, one forward per token."""
+    core = ServingCore(runtime_engine).start()
+    try:
+        inst = core.open_instance("oracle")
+        expected = {i: greedy(core, inst.create_queue(0), p, 20) for i, p in enumerate(_RUN_PROMPTS)}
+        inst.close()
+        core.wait_idle()
+    finally:
+        core.stop()
+    return expected
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, len(_RUN_PROMPTS) - 1), runs=st.lists(st.integers(1, 7), min_size=1, max_size=4))
+def test_decode_runs_of_any_lengths_equal_the_per_token_loop(serving_core, per_token_greedy, which, runs):
+    """forward-run: each pass fed the token the one before drew, on pages laid
+    out for the whole run (runs cross page boundaries at random)."""
+    core = serving_core
+    inst = core.open_instance("runs")
+    q = inst.create_queue(0)
+    seq = Seq(q, core.page_size)
+    step, out = list(_RUN_PROMPTS[which]), []
+    for length in runs:
+        length = min(length, 20 - len(out))
+        if length < 1:
+            break
+        need = math.ceil((seq.length + len(step) + length - 1) / seq.page_size) - len(seq.pages)
+        if need > 0:
+            seq.pages += q.allocate_pages(need)
+        positions = list(range(seq.length, seq.length + len(step)))
+        seq.length += len(step) + length - 1
+        last = seq.length - (len(seq.pages) - 1) * seq.page_size
+        drawn = q.forward_run(step, positions, seq.pages, last, [Sample(len(step) - 1)],
+                              [Sample(0)] * (length - 1)).result(60)
+        assert len(drawn) == length
+        out += drawn
+        step = [drawn[-1]]
+    assert out == per_token_greedy[which][:len(out)]
+    q.free_pages(seq.pages)
+    inst.close()
+    core.wait_idle()

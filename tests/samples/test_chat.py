@@ -11,13 +11,14 @@ TURNS = ["Hello there, who are you?", "Tell me about iterators."]
 MAX_TOKENS = 6
 
 
-@pytest.mark.parametrize("queue_ahead", ["off", "on"])
-def test_second_turn_prefills_only_new_tokens_and_equals_a_cold_run(samples, pie_run, oracle, queue_ahead):
-    """Also with each decode pass queued one ahead: the pass queued past a
-    turn's last token is rolled back, so the next turn continues from exactly
-    the KV of the turns so far."""
+@pytest.mark.parametrize("options", [("--queue-ahead", "off", "--decode-run", "4"), ("--queue-ahead", "on")],
+                         ids=["runs", "queue-ahead"])
+def test_second_turn_prefills_only_new_tokens_and_equals_a_cold_run(samples, pie_run, oracle, options):
+    """With decode runs and with each pass queued one ahead: the passes run
+    past a turn's last token are rolled back, so the next turn continues from
+    exactly the KV of the turns so far."""
     run = pie_run(samples["chat"], "--system", SYSTEM, "--max-tokens", MAX_TOKENS, stdin="\n".join(TURNS) + "\n",
-                  options=("--queue-ahead", queue_ahead))
+                  options=options)
     first, second = run.sent_json()
     assert run.result == "2 turns"
 

@@ -47,13 +47,19 @@ def native_completion(sample_model_dir: Path):
     return complete
 
 
+DECODE_MODES = {
+    "run-of-8": ("--queue-ahead", "off", "--decode-run", "8"),  # forward-run (the default on a CPU)
+    "per-token": ("--queue-ahead", "off", "--decode-run", "1"),  # forward-wait
+    "queue-ahead": ("--queue-ahead", "on"),  # forward-next (the default on accelerators)
+}
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("queue_ahead", ["off", "on"])
-def test_greedy_completion_equals_the_native_loop(text_completion, pie_run, native_completion, prompt, queue_ahead):
-    """With and without each pass queued one ahead (forward-next: the default
-    on accelerators; tests/runtime/test_host_cli.py covers stopping early)."""
-    run = pie_run(text_completion, "--prompt", prompt, "--max-tokens", MAX_TOKENS,
-                  options=("--queue-ahead", queue_ahead))
+@pytest.mark.parametrize("mode", DECODE_MODES)
+def test_greedy_completion_equals_the_native_loop(text_completion, pie_run, native_completion, prompt, mode):
+    """Whichever way the SDK hands its passes over (tests/runtime/test_host_cli.py
+    covers stopping early in each)."""
+    run = pie_run(text_completion, "--prompt", prompt, "--max-tokens", MAX_TOKENS, options=DECODE_MODES[mode])
     assert run.result == native_completion(prompt)
 
 

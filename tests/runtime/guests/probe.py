@@ -60,6 +60,12 @@ def _greedy(index):
         index=index, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=None))
 
 
+def _queue_and_prompt(prompt):
+    """A fresh queue on the default model, its page size, and the prompt's tokens."""
+    m = _open()
+    return m.create_queue(0), m.info().page_size, m.tokenizer().encode(prompt)
+
+
 def mode_generate(args):
     """Raw prefill + greedy decode: pages managed by hand, one forward per token
     (`forward` + `get`; `forward-wait` with a third argument "wait"; each
@@ -68,11 +74,10 @@ def mode_generate(args):
     how = args[2] if len(args) > 2 else "future"
     if how == "next":
         return _generate_one_ahead(prompt, n)
+    if how.startswith("run"):
+        return _generate_in_runs(prompt, n, int(how[3:]))
     blocking = how == "wait"
-    m = _open()
-    page_size = m.info().page_size
-    q = m.create_queue(0)
-    tokens = m.tokenizer().encode(prompt)
+    q, page_size, tokens = _queue_and_prompt(prompt)
     pages = []
     seq_len = 0
     out = []
@@ -101,10 +106,7 @@ def mode_generate(args):
 
 
 def _generate_one_ahead(prompt, n):
-    m = _open()
-    page_size = m.info().page_size
-    q = m.create_queue(0)
-    tokens = m.tokenizer().encode(prompt)
+    q, page_size, tokens = _queue_and_prompt(prompt)
     pages = []
 
     def request(step, start):
@@ -131,6 +133,31 @@ def _generate_one_ahead(prompt, n):
     return {"tokens": out}
 
 
+def _generate_in_runs(prompt, n, run):
+    """`run` tokens per `forward-run` call; the pages cover each whole run."""
+    q, page_size, step = _queue_and_prompt(prompt)
+    pages = []
+    seq_len = 0
+    out = []
+    while len(out) < n:
+        length = min(run, n - len(out))
+        end = seq_len + len(step) + length - 1  # the step's tokens, then all but the last drawn one
+        need = (end + page_size - 1) // page_size - len(pages)
+        if need > 0:
+            pages.extend(q.allocate_pages(need))
+        request = inference.ForwardRequest(
+            tokens=step, positions=list(range(seq_len, seq_len + len(step))), pages=list(pages),
+            last_page_len=end - (len(pages) - 1) * page_size, mask=None, outputs=[_greedy(len(step) - 1)])
+        draws = [_greedy(0).value for _ in range(length - 1)]
+        tokens = [o.value for o in q.forward_run(request, draws).get()]
+        out.extend(tokens)
+        seq_len = end
+        step = [tokens[-1]]
+    q.free_pages(pages)
+    q.synchronize().get()
+    return {"tokens": out}
+
+
 def mode_errors(args):
     m = _open()
     info = m.info()
@@ -151,6 +178,12 @@ def mode_errors(args):
         req.update(kw)
         return q.forward_wait(inference.ForwardRequest(**req))
 
+    def fwd_run(draws=None, **kw):
+        req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=3, mask=None,
+                   outputs=[_greedy(1)])
+        req.update(kw)
+        return q.forward_run(inference.ForwardRequest(**req), [_greedy(0).value] if draws is None else draws).get()
+
     codes = {
         "decode_out_of_vocab": _code(lambda: tok.decode([info.vocab_size + 5])),
         "open_unknown_model": _code(lambda: model.Model.open("no-such-model")),
@@ -169,6 +202,12 @@ def mode_errors(args):
         "forward_wait_unknown_page": _code(lambda: fwd_wait(pages=[987654])),
         "forward_wait_bad_token": _code(lambda: fwd_wait(tokens=[1, info.vocab_size + 3])),
         "forward_wait_output_index": _code(lambda: fwd_wait(outputs=[_greedy(7)])),
+        "forward_run_mask": _code(lambda: fwd_run(mask=[[0, 3], [0, 3]])),
+        "forward_run_no_sample": _code(lambda: fwd_run(outputs=[])),
+        "forward_run_draw_index": _code(lambda: fwd_run(draws=[_greedy(1).value])),
+        "forward_run_too_few_slots": _code(lambda: fwd_run(last_page_len=2)),
+        "forward_run_past_max_positions": _code(lambda: fwd_run(
+            positions=[info.max_positions - 2, info.max_positions - 1])),
         "import_unknown": _code(lambda: q.import_pages("no-such-export")),
         "unexport_unknown": _code(lambda: q.unexport("no-such-export")),
         "allocate_too_many": _code(lambda: q.allocate_pages(1 << 30)),
