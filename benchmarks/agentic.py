@@ -24,18 +24,14 @@ agent waits. That time is measured (JAX's compile events) and excluded: from
 the round's wall time, and from each agent's latency where it overlaps the
 agent's lifetime. Each round prints the seconds excluded.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/agentic.py [--model M] [--agents 16] [--tool-calls 4]
+    PYTHONPATH=. .venv/bin/python benchmarks/agentic.py [--model M] [--agents 16] [--tool-calls 8]
 
-The paper's shape is `--agents 16 --tool-calls 8`. On the 2-core CPU machine
-its stateless way alone re-prefills ~49K prompt tokens per round: about 2
-minutes at the ~370-430 prompt tokens/s the engine prefills there when the
-machine is otherwise idle, twice that when other work shares the two cores.
-With the warm-up and the other two ways that is ~4 minutes at best and 6-10
-under load, past the 5-minute budget. The default keeps the 16 concurrent
-agents and halves the tool calls (stateless: ~22K prompt tokens per round);
-the script then takes 2.5-3 minutes alone, ~3.5 when JAX's persistent
-compilation cache does not hold the step shapes yet, ~4.3 with another test
-suite on the cores. `--tool-calls 8` runs the paper's shape.
+The default is the paper's shape, 16 agents x 8 tool calls. On the 2-core CPU
+machine its stateless way alone re-prefills ~49K prompt tokens per round;
+the whole script took 3.8 minutes there on a quiet machine (2026-11-25, after
+decode runs cut the inferlets' per-token overhead), and would take longer
+with other work on the cores. `--tool-calls 4` halves the stateless way's
+prefill (~22K tokens) and takes ~2.5 minutes.
 
 Last line: `ratio: X`, X = throughput (c) / throughput (a) (target >= 3).
 """
@@ -56,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(parser)
     parser.add_argument("--agents", type=int, default=16)
-    parser.add_argument("--tool-calls", type=int, default=4)
+    parser.add_argument("--tool-calls", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=4)
     parser.add_argument("--tools", type=int, default=8, help="tool descriptions in the prefix (its length)")
     parser.add_argument("--repeats", type=int, default=1)
