@@ -16,6 +16,7 @@ ERROR_CODES: Final[tuple[str, ...]] = (
     "unsupported",
     "closed",
     "internal",
+    "already-exists",
 )
 
 
@@ -52,6 +53,10 @@ class PieError(Exception):
     @classmethod
     def internal(cls, message: str) -> "PieError":
         return cls("internal", message)
+
+    @classmethod
+    def already_exists(cls, message: str) -> "PieError":
+        return cls("already-exists", message)
 
     def __reduce__(self):  # keep code/message through pickling (e.g. across processes)
         return (type(self), (self.code, self.message))

@@ -214,7 +214,7 @@ class PageManager:
         self.check_live(instance_id, vids, distinct=True)
         ns = self.exports.setdefault(inst.namespace, {})
         if name in ns:
-            raise PieError.invalid(f"an export named {name!r} already exists")
+            raise PieError.already_exists(f"an export named {name!r} already exists in namespace {inst.namespace!r}")
         exp = Export(name, inst.namespace, instance_id, tuple(vids), last_page_len, persistent)
         ns[name] = exp
         return exp

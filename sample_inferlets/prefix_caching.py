@@ -45,8 +45,10 @@ def main(args) -> str:
         ctx.fill(args.system)
         try:
             ctx.export(name, persistent=True)  # prefills the prefix, then publishes its pages
-        except InferletError:
-            pass  # a concurrent run published it first: ours is just as good for this run
+        except InferletError as err:
+            if err.code != "already-exists":
+                raise
+            # A concurrent run published it first: ours is just as good for this run.
     saved = ctx.kv_len if cached else 0
 
     ctx.fill(args.prompt)

@@ -9,7 +9,7 @@ class InferletError(Exception):
     """An error the server returned: `code` to branch on, `message` for people.
 
     `code` is the contract's error-code name: "invalid-argument", "not-found",
-    "out-of-memory", "unsupported", "closed" or "internal".
+    "out-of-memory", "unsupported", "closed", "internal" or "already-exists".
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -40,7 +40,8 @@ class Pages:
 
 
 def test_error_codes_match_the_wit_enum():
-    assert ERROR_CODES == ("invalid-argument", "not-found", "out-of-memory", "unsupported", "closed", "internal")
+    assert ERROR_CODES == ("invalid-argument", "not-found", "out-of-memory", "unsupported", "closed", "internal",
+                           "already-exists")
     err = PieError.out_of_memory("full")
     assert (err.code, err.message) == ("out-of-memory", "full")
     with pytest.raises(ValueError):
@@ -186,7 +187,7 @@ def test_export_validation():
     vids = p.allocate("a", 1)
     p.pm.reserve_export("a", "x", vids, 1, persistent=False)
     for args, code in [
-        (("x", vids, 1), "invalid-argument"),  # name taken
+        (("x", vids, 1), "already-exists"),  # name taken
         (("", vids, 1), "invalid-argument"),
         (("y", [], 1), "invalid-argument"),
         (("y", vids, 0), "invalid-argument"),

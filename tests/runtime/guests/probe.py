@@ -208,10 +208,13 @@ def mode_errors(args):
         "forward_run_too_few_slots": _code(lambda: fwd_run(last_page_len=2)),
         "forward_run_past_max_positions": _code(lambda: fwd_run(
             positions=[info.max_positions - 2, info.max_positions - 1])),
+        "export_first": _code(lambda: q.export_pages("probe-dup", [pages[0]], 1, False)),
+        "export_taken_name": _code(lambda: q.export_pages("probe-dup", [pages[1]], 1, False)),
         "import_unknown": _code(lambda: q.import_pages("no-such-export")),
         "unexport_unknown": _code(lambda: q.unexport("no-such-export")),
         "allocate_too_many": _code(lambda: q.allocate_pages(1 << 30)),
     }
+    q.unexport("probe-dup")
     # The host must still serve this instance after all of that.
     good = fwd()
     codes["still_serving"] = "ok" if isinstance(good[0].value, int) else "bad"
