@@ -3,6 +3,7 @@ ordering, batching, copy-on-write, faults and page accounting."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from concurrent.futures import Future
@@ -381,13 +382,21 @@ OPS = st.lists(
 )
 
 
+_EXAMPLES = itertools.count()
+# What random operations may fail with (anything else is a bug).
+EXPECTED_CODES = ("invalid-argument", "not-found", "out-of-memory", "already-exists")
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_random_page_operations_keep_refcounts_and_return_every_page(serving_core, ops):
     core = serving_core
     ps = core.page_size
     initial = core.free_pages()
-    insts = [core.open_instance(f"h{i}", namespace="shared", page_quota=12) for i in range(2)]
+    # Fresh ids per example: an example that fails leaves its instances open,
+    # and the next one must still report its own outcome.
+    example = next(_EXAMPLES)
+    insts = [core.open_instance(f"h{i}-{example}", namespace="shared", page_quota=12) for i in range(2)]
     queues = [inst.create_queue(0) for inst in insts]
     held = [q.allocate_pages(3) for q in queues]  # ids each instance believes it holds
     futures: list[Future] = []
@@ -427,13 +436,13 @@ def test_random_page_operations_keep_refcounts_and_return_every_page(serving_cor
             elif kind == "sync":
                 futures.append(q.synchronize())
         except PieError as exc:
-            assert exc.code in ("invalid-argument", "not-found", "out-of-memory"), exc
+            assert exc.code in EXPECTED_CODES, exc
         core.check_invariants()
     for f in futures:
         try:
             f.result(60)
         except PieError as exc:
-            assert exc.code in ("invalid-argument", "not-found", "out-of-memory"), exc
+            assert exc.code in EXPECTED_CODES, exc
     core.check_invariants()
     for inst in insts:
         inst.close()
