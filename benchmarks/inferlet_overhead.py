@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--decode-run", type=int, nargs="+", default=sorted({1, DEFAULT_DECODE_RUN}),
                         help=f"decode-run hints to measure the inferlet with (default 1 and {DEFAULT_DECODE_RUN})")
+    parser.add_argument("--queue-ahead", choices=("auto", "on", "off"), default="auto",
+                        help="the queue-ahead hint, as `pie-run --queue-ahead` (auto: on an accelerator only)")
     args = parser.parse_args()
     if DEFAULT_DECODE_RUN not in args.decode_run:
         args.decode_run.append(DEFAULT_DECODE_RUN)
@@ -68,6 +70,7 @@ def main() -> None:
     component = build_inferlet(REPO / "sample_inferlets" / "text_completion.py")
     server = Server(engine)
     served = server.host.model(engine.name)
+    served.queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
     tok = engine.tokenizer
     prompt = list(tok.encode(args.prompt))
     bos = tok.bos_token_id if tok.bos_token_id is not None else engine.config.bos_token_id
@@ -75,7 +78,8 @@ def main() -> None:
         prompt.insert(0, bos)  # what Context.fill_tokens does
     print(f"model {engine.name}, prompt {args.prompt!r} ({len(prompt)} tokens), greedy, "
           f"{args.tokens} new tokens per request, {args.repeats} interleaved repeats, "
-          f"decode runs {args.decode_run} (server default {DEFAULT_DECODE_RUN})")
+          f"decode runs {args.decode_run} (server default {DEFAULT_DECODE_RUN}), "
+          f"queue-ahead {'on' if served.decodes_one_ahead else 'off'}")
 
     default_ratios = []
     for n in args.concurrency:

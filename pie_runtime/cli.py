@@ -72,13 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
                    help="batching policy of the serving core (default adaptive)")
     p.add_argument("--queue-ahead", choices=("auto", "on", "off"), default="auto",
-                   help="tell inferlets to queue each decode pass one ahead of the last (forward-next), "
-                        "so their own work overlaps the step: auto = on an accelerator, off on a CPU, "
+                   help="tell inferlets to queue each decode run before the one ahead of it has run, "
+                        "so their own work overlaps the engine's: auto = on an accelerator, off on a CPU, "
                         "where it would compete with the step for the cores (default auto)")
     p.add_argument("--decode-run", type=_positive_int, default=None, metavar="N",
-                   help="tell inferlets to draw N tokens per call (forward-run) when they do not queue "
-                        f"ahead: their per-token work is then paid once per N tokens, and tokens arrive "
-                        f"N at a time; 1 = a call per token (default {DEFAULT_DECODE_RUN})")
+                   help="tell inferlets to draw N tokens per call (forward-run): their per-call work "
+                        "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
+                        f"token (default {DEFAULT_DECODE_RUN})")
     p.add_argument("--allow", default="", metavar="CAPS",
                    help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
     p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",

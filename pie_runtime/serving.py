@@ -378,6 +378,7 @@ class Queue:
         last_page_len: int,
         outputs: Sequence[OutputRequest],
         draws: Sequence[Sample],
+        feeds_previous: bool = False,
     ) -> Future:
         """Enqueues a decode run: a forward pass over `tokens`, then one pass
         per entry of `draws`, each over one new token, the token the pass
@@ -386,14 +387,15 @@ class Queue:
         entry (whose index must be 0).
 
         `pages` and `last_page_len` describe the sequence after the whole run
-        (`len(tokens) + len(draws)` new slots). The future resolves once the
+        (`len(tokens) + len(draws)` new slots). With `feeds_previous` the
+        first pass's first token is replaced as in `forward`. The future resolves once the
         last pass has run, to the first pass's outputs followed by one token
         per draw; if a pass fails, the rest fail with it and the future
         reports the first error. The inferlet hands over `len(draws) + 1`
         tokens of decoding in one call: its own work (and the host's) is paid
         once per run instead of once per token.
         """
-        cmd = _forward_cmd(tokens, positions, pages, last_page_len, None, outputs, False)
+        cmd = _forward_cmd(tokens, positions, pages, last_page_len, None, outputs, feeds_previous)
         if not cmd.tokens:
             raise PieError.invalid("a decode run needs at least one new token in its first pass")
         if not any(isinstance(out, Sample) for out in cmd.outputs):

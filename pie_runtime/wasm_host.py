@@ -858,14 +858,15 @@ def _queue_forward_wait(ctx, store, this, request):
     return _future_result(ctx, _submit_forward(ctx, store, this, request))
 
 
-def _queue_forward_run(ctx, store, this, request, draws):
+def _queue_forward_run(ctx, store, this, request, draws, after_previous):
     handle = _queue(ctx, store, this)
     served = handle.served
     tokens, positions, pages, last_page_len, mask, outputs = _forward_args(served, request)
     if mask is not None:
         raise PieError.invalid("a decode run attends causally: its request takes no mask (use forward)")
     samples = [_sample(d, served.vocab_size) for d in draws]
-    future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, samples)
+    future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, samples,
+                                      feeds_previous=bool(after_previous))
     return _own(ctx, Kind.FORWARD_FUTURE,
                 HostFuture(future, convert=_outputs_converter(list(outputs) + samples)))
 

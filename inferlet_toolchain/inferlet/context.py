@@ -76,6 +76,18 @@ class _PageRefs:
 _refs = _PageRefs()
 
 
+class _QueuedRun:
+    """A decode run on the queue: its future, its draws, and where the
+    placeholders of its drawn tokens start in `Context.tokens`."""
+
+    __slots__ = ("future", "length", "first_draw_slot")
+
+    def __init__(self, future: Any, length: int, first_draw_slot: int) -> None:
+        self.future = future
+        self.length = length
+        self.first_draw_slot = first_draw_slot
+
+
 class _Forward:
     """A forward pass a step wants run: the driver decides how. The blocking
     driver makes one `forward-wait` call; the async one issues `forward` and
@@ -342,13 +354,12 @@ class Context:
             raise ValueError("generate() takes a grammar or a drafter, not both")
         stop = stop.bind(self.model.eos_tokens)
         if drafter is None and grammar is None:
-            if self.model.info.queue_ahead:
-                return (yield from self._pipelined_steps(sampler, stop, on_token))
             run = self.model.info.decode_run if run_length is None else run_length
             if run < 1:
                 raise ValueError(f"run_length must be >= 1, got {run}")
-            if run > 1:
-                return (yield from self._run_steps(sampler, stop, on_token, run))
+            ahead = self.model.info.queue_ahead
+            if run > 1 or ahead:
+                return (yield from self._run_steps(sampler, stop, on_token, run, ahead))
         matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         tokenizer = self.model.tokenizer
         generated: list[int] = []
@@ -395,83 +406,76 @@ class Context:
             matcher.close()  # made here from a Grammar
         return self._finish(generated, reason, stop)
 
+    def _queue_run(self, tokens: list[int], length: int, sampler: Sampler, step: int,
+                   after_previous: bool) -> "_QueuedRun":
+        """Queues a decode run of `length` draws from `tokens` (a placeholder
+        when `after_previous`): KV room and placeholder ids for the tokens and
+        all draws but the last, which stays pending."""
+        request = self._request(tokens + [0] * (length - 1),
+                                [_sample_request(sampler, len(tokens) - 1, step)], None, None)
+        request.tokens = tokens
+        request.positions = request.positions[:len(tokens)]
+        draws = [raw.SampleSpec(**sampler.spec_fields(0, step + i)) for i in range(1, length)]
+        future = call(self.queue.forward_run, request, draws, after_previous)
+        return _QueuedRun(future, length, len(self.tokens) - (length - 1))
+
     def _run_steps(self, sampler: Sampler, stop: Stop, on_token: Optional[Callable[[int], None]],
-                   run: int) -> Steps:
+                   run: int, ahead: bool) -> Steps:
         """generate() without a drafter or grammar, `run` tokens per call
         (`forward-run`): the pending tokens, then passes each fed the token
-        the one before drew. The KV then holds every drawn token but the
-        last; tokens after a stop are rolled back."""
+        the one before drew. With `ahead`, each run is queued before the one
+        before it has run (fed its last token), so the engine goes from run
+        to run without waiting for this inferlet, which looks at a run's
+        tokens while the next one runs. Tokens past a stop, and a run queued
+        past it, are rolled back."""
         tokenizer = self.model.tokenizer
         generated: list[int] = []
         reason: Optional[str] = None
-        while reason is None:
-            length = min(run, stop.max_tokens - len(generated))
-            tokens, self.pending = self.pending, []
-            # Room and slots for the whole run: the pending tokens, then the
-            # drawn ones (zeros until they are known) but the last.
-            request = self._request(tokens + [0] * (length - 1),
-                                    [_sample_request(sampler, len(tokens) - 1, self._step)], None, None)
-            request.tokens = tokens
-            request.positions = request.positions[:len(tokens)]
-            draws = [raw.SampleSpec(**sampler.spec_fields(0, self._step + i)) for i in range(1, length)]
-            outputs = yield call(self.queue.forward_run, request, draws)
-            drawn = [out.value for out in outputs]
-            if length > 1:
-                self.tokens[-(length - 1):] = drawn[:-1]
-            used = 0
-            for token in drawn:
-                generated.append(token)
-                used += 1
-                if on_token is not None:
-                    on_token(token)
-                reason = stop.check(generated, tokenizer.decode(generated) if stop.needs_text else None)
-                if reason is not None:
-                    break
-            self._step += used
-            self._rollback(length - used)  # the passes that ran past the stop
-            self.pending = [generated[-1]]
-        return self._finish(generated, reason, stop)
-
-    def _pipelined_steps(self, sampler: Sampler, stop: Stop,
-                         on_token: Optional[Callable[[int], None]]) -> Steps:
-        """generate() without a drafter or grammar, one step ahead: each pass
-        is queued (`forward-next`, fed the token the pass before it draws)
-        before the token of the pass before it is known, so the engine goes
-        from one step to the next without waiting for this inferlet, which
-        looks at each token while the next step runs. When a token ends the
-        generation, the pass already queued behind it is rolled back."""
-        tokenizer = self.model.tokenizer
-        generated: list[int] = []
-        reason: Optional[str] = None
-
         tokens, self.pending = self.pending, []
-        first = self._request(tokens, [_sample_request(sampler, len(tokens) - 1, self._step)], None, None)
-        current = call(self.queue.forward, first)
-        ahead = None
+        queued_step = self._step  # the step index of the next draw to queue
+        current = self._queue_run(tokens, min(run, stop.max_tokens), sampler, queued_step, False)
+        queued_step += current.length
+        next_run: Optional[_QueuedRun] = None
         try:
             while reason is None:
-                if len(generated) + 1 < stop.max_tokens:
-                    # Token 0 stands in for the token `current` will draw.
-                    request = self._request([0], [_sample_request(sampler, 0, self._step + 1)], None, None)
-                    ahead = call(self.queue.forward_next, request)
+                room = stop.max_tokens - (queued_step - self._step) - len(generated)
+                if ahead and room > 0:
+                    # Token 0 stands in for the last token `current` will draw.
+                    next_run = self._queue_run([0], min(run, room), sampler, queued_step, True)
+                    queued_step += next_run.length
                 waiting, current = current, None
-                (out,) = yield waiting  # the driver waits for it and drops it
-                token = out.value
-                generated.append(token)
-                self._step += 1
-                if on_token is not None:
-                    on_token(token)
-                reason = stop.check(generated, tokenizer.decode(generated) if stop.needs_text else None)
-                if ahead is not None:
-                    self.tokens[-1] = token  # what the queued pass is fed
-                    if reason is None:
-                        current, ahead = ahead, None
+                outputs = yield waiting.future  # the driver waits for it and drops it
+                drawn = [out.value for out in outputs]
+                # The drawn tokens now in KV: all but the last, and the last as
+                # the first token of the run queued behind (if any).
+                if waiting.length > 1:
+                    self.tokens[waiting.first_draw_slot:waiting.first_draw_slot + waiting.length - 1] = drawn[:-1]
+                if next_run is not None:
+                    self.tokens[next_run.first_draw_slot - 1] = drawn[-1]
+                used = 0
+                for token in drawn:
+                    generated.append(token)
+                    used += 1
+                    if on_token is not None:
+                        on_token(token)
+                    reason = stop.check(generated, tokenizer.decode(generated) if stop.needs_text else None)
+                    if reason is not None:
+                        break
+                self._step += used
+                if reason is not None:
+                    # Forget the draws past the stop, and the run queued behind.
+                    self._rollback(waiting.length - used + (next_run.length if next_run is not None else 0))
+                elif next_run is not None:
+                    current, next_run = next_run, None
+                else:
+                    tokens = [generated[-1]]
+                    current = self._queue_run(tokens, min(run, stop.max_tokens - len(generated)), sampler,
+                                              self._step, False)
+                    queued_step = self._step + current.length
         finally:
-            for future in (current, ahead):
-                if future is not None:
-                    _drop(future)  # a queued pass runs anyway; its result is not needed
-        if ahead is not None:
-            self._rollback(1)  # the pass queued past the end
+            for queued in (current, next_run):
+                if queued is not None:
+                    _drop(queued.future)  # a queued run goes ahead anyway; its result is not needed
         self.pending = [generated[-1]]
         return self._finish(generated, reason, stop)
 
@@ -498,13 +502,13 @@ class Context:
         """Generates until `stop` (default: EOS or 256 tokens); returns the new text.
 
         Each step is one forward pass of the newest token with a sample
-        request at its index. When the server asks for it (model info
-        `queue_ahead`: on accelerators), each pass is queued before the token
-        of the one before it is known, so the engine never waits for this
-        inferlet between steps. Otherwise the passes go to the server
-        `run_length` at a time (default: model info `decode_run`; 1 = one
-        call per token): `on_token` then sees the tokens in bursts, and the
-        passes of a run past a stop token are rolled back. With a `drafter`, each pass also verifies the
+        request at its index. The passes go to the server `run_length` at a
+        time (default: model info `decode_run`; 1 = one call per token):
+        `on_token` then sees the tokens in bursts, and the passes of a run
+        past a stop token are rolled back. When the server asks for it
+        (model info `queue_ahead`: on accelerators), each run is queued
+        before the last token of the one before it is known, so the engine
+        never waits for this inferlet between runs. With a `drafter`, each pass also verifies the
         drafter's proposed tokens (speculative decoding). With a `grammar`
         (or a `Matcher`, which then advances), each draw is restricted to the
         tokens it allows (replacing `sampler.allowed`) and generation also

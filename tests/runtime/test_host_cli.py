@@ -167,12 +167,14 @@ STOP_AND_GO = REPO / "tests" / "runtime" / "guests" / "stop_and_go.py"
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [("--queue-ahead", "off", "--decode-run", "1"),
                                      ("--queue-ahead", "off", "--decode-run", "3"),
-                                     ("--queue-ahead", "on")], ids=["per-token", "runs-of-3", "queue-ahead"])
+                                     ("--queue-ahead", "on", "--decode-run", "1"),
+                                     ("--queue-ahead", "on", "--decode-run", "3")],
+                         ids=["per-token", "runs-of-3", "ahead-per-token", "ahead-runs-of-3"])
 def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llama_dir, tiny_llama_model,
                                                                        options):
     """generate() stopped by a stop token, then continued: the passes a run
-    drew past the stop, or the pass queued one ahead (forward-next), are
-    rolled back, and both parts equal one uninterrupted greedy run of the engine."""
+    drew past the stop, and the run queued one ahead behind it, are rolled
+    back, and both parts equal one uninterrupted greedy run of the engine."""
     from tests.runtime.guests.fixtures import engine_greedy
 
     prompt = "Hello world"

@@ -480,6 +480,19 @@ def test_forward_run_chains_passes_each_fed_the_token_the_one_before_drew(fake):
     assert [len(pages) for _, _, pages in passes] == [1, 1, 1, 2]
 
 
+def test_a_run_queued_ahead_starts_from_the_last_token_of_the_run_before(fake):
+    engine, core = fake
+    q = core.open_instance("a").create_queue(0)
+    p = q.allocate_pages(2)
+    engine.gate.clear()  # both runs are queued before the first one runs
+    first = q.forward_run([7], [0], p, 2, [Sample(0)], [Sample(0)])
+    ahead = q.forward_run([0], [2], p, 4, [Sample(0)], [Sample(0)], feeds_previous=True)
+    engine.gate.set()
+    assert first.result(5) == [1007, 2007]
+    assert ahead.result(5) == [3007, 4007]  # its first pass ran on 2007
+    assert engine.batches == [[(7,)], [(1007,)], [(2007,)], [(3007,)]]
+
+
 def test_forward_run_checks_its_shape_at_once_and_a_failed_pass_fails_the_run(fake):
     engine, core = fake
     q = core.open_instance("a").create_queue(0)

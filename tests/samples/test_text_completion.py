@@ -50,7 +50,7 @@ def native_completion(sample_model_dir: Path):
 DECODE_MODES = {
     "run-of-8": ("--queue-ahead", "off", "--decode-run", "8"),  # forward-run (the default on a CPU)
     "per-token": ("--queue-ahead", "off", "--decode-run", "1"),  # forward-wait
-    "queue-ahead": ("--queue-ahead", "on"),  # forward-next (the default on accelerators)
+    "queue-ahead": ("--queue-ahead", "on"),  # runs of 8, each queued one ahead (the default on accelerators)
 }
 
 

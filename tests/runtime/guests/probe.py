@@ -149,7 +149,7 @@ def _generate_in_runs(prompt, n, run):
             tokens=step, positions=list(range(seq_len, seq_len + len(step))), pages=list(pages),
             last_page_len=end - (len(pages) - 1) * page_size, mask=None, outputs=[_greedy(len(step) - 1)])
         draws = [_greedy(0).value for _ in range(length - 1)]
-        tokens = [o.value for o in q.forward_run(request, draws).get()]
+        tokens = [o.value for o in q.forward_run(request, draws, False).get()]
         out.extend(tokens)
         seq_len = end
         step = [tokens[-1]]
@@ -182,7 +182,8 @@ def mode_errors(args):
         req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=3, mask=None,
                    outputs=[_greedy(1)])
         req.update(kw)
-        return q.forward_run(inference.ForwardRequest(**req), [_greedy(0).value] if draws is None else draws).get()
+        return q.forward_run(inference.ForwardRequest(**req), [_greedy(0).value] if draws is None else draws,
+                             False).get()
 
     codes = {
         "decode_out_of_vocab": _code(lambda: tok.decode([info.vocab_size + 5])),

@@ -2,11 +2,11 @@
 
 Generates greedily from `--prompt` until `--stop-token` (or `--max-tokens`),
 then goes on from there (the stop token filled back in) for `--more` tokens,
-and returns both parts, the stop reasons and the KV length as JSON. With the
-server's queue-ahead hint each decode pass is queued before the token of the
-one before it is known, so the stop leaves a pass queued past the end that
-must be rolled back: the second part shows whether the KV it continues from
-is exactly prompt + first part.
+and returns both parts, the stop reasons and the KV length as JSON. Decode
+runs (the server's decode-run hint) draw past a stop token, and with its
+queue-ahead hint a whole run is queued behind the one that stops: all of it
+must be rolled back, and the second part shows whether the KV it continues
+from is exactly prompt + first part.
 """
 
 import json
