@@ -388,12 +388,12 @@ class Queue:
 
         `pages` and `last_page_len` describe the sequence after the whole run
         (`len(tokens) + len(draws)` new slots). With `feeds_previous` the
-        first pass's first token is replaced as in `forward`. The future resolves once the
-        last pass has run, to the first pass's outputs followed by one token
-        per draw; if a pass fails, the rest fail with it and the future
-        reports the first error. The inferlet hands over `len(draws) + 1`
-        tokens of decoding in one call: its own work (and the host's) is paid
-        once per run instead of once per token.
+        first pass's first token is replaced as in `forward`. The future
+        resolves once the last pass has run, to the first pass's outputs
+        followed by one token per draw; if a pass fails, the rest fail with
+        it and the future reports the first error. The inferlet hands over
+        `len(draws) + 1` tokens of decoding in one call: its own work (and
+        the host's) is paid once per run instead of once per token.
         """
         cmd = _forward_cmd(tokens, positions, pages, last_page_len, None, outputs, feeds_previous)
         if not cmd.tokens:
