@@ -128,11 +128,6 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def fmt_samples(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
     return f"median {median(values) * scale:.3f}{unit} (min {min(values) * scale:.3f}, max {max(values) * scale:.3f}, n={len(values)})"
 

@@ -841,9 +841,10 @@ def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
                     feeds_previous: bool = False) -> HostFuture:
     """Translates a WIT forward-request and enqueues it; returns its future."""
     handle = _queue(ctx, store, this)
-    args = _forward_args(handle.served, request)
-    future = handle.queue.forward(*args, feeds_previous=feeds_previous)
-    return HostFuture(future, convert=_outputs_converter(args[5]))
+    tokens, positions, pages, last_page_len, mask, outputs = _forward_args(handle.served, request)
+    future = handle.queue.forward(tokens, positions, pages, last_page_len, mask, outputs,
+                                  feeds_previous=feeds_previous)
+    return HostFuture(future, convert=_outputs_converter(outputs))
 
 
 def _queue_forward(ctx, store, this, request):
@@ -868,7 +869,7 @@ def _queue_forward_run(ctx, store, this, request, draws, after_previous):
     future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, samples,
                                       feeds_previous=bool(after_previous))
     return _own(ctx, Kind.FORWARD_FUTURE,
-                HostFuture(future, convert=_outputs_converter(list(outputs) + samples)))
+                HostFuture(future, convert=_outputs_converter(outputs + samples)))
 
 
 def _forward_future_get(ctx, store, this):

@@ -114,9 +114,13 @@ def _get(future: Any) -> Any:
         _drop(future)
 
 
+def _sample_spec(sampler: Sampler, index: int, step: int) -> "raw.SampleSpec":
+    """The contract's spec to draw token number `step` at new-token `index`."""
+    return raw.SampleSpec(**sampler.spec_fields(index, step))
+
+
 def _sample_request(sampler: Sampler, index: int, step: int) -> "raw.OutputRequest":
-    """The contract's request to draw token number `step` at new-token `index`."""
-    return raw.OutputRequestSample(raw.SampleSpec(**sampler.spec_fields(index, step)))
+    return raw.OutputRequestSample(_sample_spec(sampler, index, step))
 
 
 def _run_blocking(item: Any) -> Any:
@@ -415,7 +419,7 @@ class Context:
                                 [_sample_request(sampler, len(tokens) - 1, step)], None, None)
         request.tokens = tokens
         request.positions = request.positions[:len(tokens)]
-        draws = [raw.SampleSpec(**sampler.spec_fields(0, step + i)) for i in range(1, length)]
+        draws = [_sample_spec(sampler, 0, step + i) for i in range(1, length)]
         future = call(self.queue.forward_run, request, draws, after_previous)
         return _QueuedRun(future, length, len(self.tokens) - (length - 1))
 
@@ -432,12 +436,14 @@ class Context:
         generated: list[int] = []
         reason: Optional[str] = None
         tokens, self.pending = self.pending, []
-        queued_step = self._step  # the step index of the next draw to queue
-        current = self._queue_run(tokens, min(run, stop.max_tokens), sampler, queued_step, False)
-        queued_step += current.length
+        current: Optional[_QueuedRun] = None
         next_run: Optional[_QueuedRun] = None
         try:
             while reason is None:
+                if current is None:  # nothing queued: a run from `tokens`
+                    current = self._queue_run(tokens, min(run, stop.max_tokens - len(generated)), sampler,
+                                              self._step, False)
+                    queued_step = self._step + current.length  # the step index of the next draw to queue
                 room = stop.max_tokens - (queued_step - self._step) - len(generated)
                 if ahead and room > 0:
                     # Token 0 stands in for the last token `current` will draw.
@@ -465,13 +471,9 @@ class Context:
                 if reason is not None:
                     # Forget the draws past the stop, and the run queued behind.
                     self._rollback(waiting.length - used + (next_run.length if next_run is not None else 0))
-                elif next_run is not None:
-                    current, next_run = next_run, None
                 else:
+                    current, next_run = next_run, None
                     tokens = [generated[-1]]
-                    current = self._queue_run(tokens, min(run, stop.max_tokens - len(generated)), sampler,
-                                              self._step, False)
-                    queued_step = self._step + current.length
         finally:
             for queued in (current, next_run):
                 if queued is not None:
