@@ -1,9 +1,10 @@
 """The engine: one batched, jitted forward step over many requests, plus device ops on the KV pool.
 
 ``Engine.step`` validates each ``ForwardRequest``, flattens the batch into
-bucketed arrays (powers of two for tokens, requests, pages per request and
-output rows, so a few compilations serve every mix), runs one jitted step
-with the KV pool donated, and turns the device outputs back into per-request
+bucketed arrays (powers of two for tokens, requests and output rows; past 8
+pages per request, powers of two and the points halfway between them), so a
+few compilations serve every mix, runs one jitted step with the KV pool
+donated, and turns the device outputs back into per-request
 results. See ``engine_jax.batch`` for slot/page/position semantics.
 """
 
@@ -31,6 +32,7 @@ from engine_jax.batch import (
 )
 from engine_jax.config import ModelConfig
 from engine_jax.kv_cache import KVCache, PagePool, create_kv_cache, pages_for_budget
+from engine_jax.map_budget import MapBudget
 from engine_jax.model import Params, TokenBatch, forward, rope_inv_freq
 from engine_jax.paged_attention import AttentionFn, resolve_attention
 from engine_jax.sampling import row_keys, sample_tokens, token_logprobs, top_k_distribution
@@ -63,6 +65,19 @@ def enable_compilation_cache() -> None:
 def _bucket(n: int, minimum: int = 1) -> int:
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+def _bucket_pages(n: int) -> int:
+    """Page-table width: powers of two up to 8, then powers of two and 1.5x powers of two (12, 24, 48, ...).
+
+    Decode attention gathers and scores every slot of the bucket, so a power
+    of two would waste up to half the work (9 used pages attended as 16);
+    the half steps cap the waste at a third for a few more compiled shapes.
+    """
+    p = _bucket(n)
+    if p > 8 and 4 * n <= 3 * p:
+        return 3 * p // 4
+    return p
 
 
 @jax.tree_util.register_dataclass
@@ -183,6 +198,9 @@ class Engine:
         self._stream_key = np.asarray(jax.random.key_data(jax.random.key(seed)), dtype=np.uint32)
         self._step_count = 0
         self._step = partial(_step_jit, config=self.config, attention=self.attention_fn)
+        # Compiled step executables hold memory mappings; see engine_jax.map_budget.
+        self.map_budget = MapBudget()
+        self._step_executables = _step_jit._cache_size()
 
     # ------------------------------------------------------------------ validation
 
@@ -292,6 +310,9 @@ class Engine:
         self.cache, device_results = self._step(self.params, self.cache, batch, out_batch, self._inv_freq, **static)
         self._step_count += 1
         host = jax.device_get(device_results)
+        if _step_jit._cache_size() != self._step_executables:  # a new shape compiled (or caches cleared)
+            self.map_budget.check()
+            self._step_executables = _step_jit._cache_size()
         return self._collect(plan, host, len(requests))
 
     def step_hlo(self, requests: Sequence[ForwardRequest]) -> str:
@@ -312,7 +333,7 @@ class Engine:
         kv_lens = np.fromiter((r.sequence_length(ps) for r in requests), np.int64, num_req)
         max_pages = max(len(r.pages) for r in requests)
         total = int(q_lens.sum())
-        T, R, P = _bucket(total), _bucket(num_req), _bucket(max_pages)
+        T, R, P = _bucket(total), _bucket(num_req), _bucket_pages(max_pages)
         S = P * ps
 
         tokens = np.zeros(T, np.int32)

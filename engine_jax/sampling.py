@@ -18,6 +18,19 @@ import jax.numpy as jnp
 _NEG_INF = -jnp.inf
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` as int32 (the first maximum; the first NaN if any), computed faster on CPU.
+
+    XLA:CPU lowers argmax to a variadic (value, index) reduction that it does
+    not vectorise: ~0.22 ms over one row of a 49K vocabulary, against ~0.04 ms
+    for the two plain reductions here (a max, then the least index that hits it).
+    """
+    peak = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (x == peak) | jnp.isnan(x)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
+
+
 def row_keys(seed_data: jax.Array, has_seed: jax.Array, stream_key: jax.Array, step: jax.Array) -> jax.Array:
     """PRNG keys ``[O]``: ``seed_data[i]`` (uint32 pair) where ``has_seed[i]``, else the engine stream.
 
@@ -53,7 +66,7 @@ def sample_tokens(
     """
     if allowed is not None:
         logits = jnp.where(allowed, logits, _NEG_INF)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     if not stochastic:
         return greedy
     vocab = logits.shape[-1]
@@ -77,7 +90,7 @@ def sample_tokens(
             threshold = jnp.maximum(threshold, jnp.where(top_p < 1, last, _NEG_INF))
     keep = (scaled >= threshold[:, None]) & (scaled > _NEG_INF)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
-    drawn = jnp.argmax(jnp.where(keep, scaled + gumbel, _NEG_INF), axis=-1).astype(jnp.int32)
+    drawn = first_argmax(jnp.where(keep, scaled + gumbel, _NEG_INF))
     return jnp.where(temperature > 0, drawn, greedy)
 
 

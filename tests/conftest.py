@@ -26,6 +26,16 @@ if _ROOT not in sys.path:
 from tests.helpers.hf_models import FAMILIES, build_model_dir
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _bounded_memory_mappings():
+    """The suite compiles hundreds of executables in one process, and each holds memory
+    mappings (see engine_jax.map_budget); past half the kernel's limit, drop them after a module."""
+    yield
+    from engine_jax.map_budget import MapBudget
+
+    MapBudget().check()
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     built: dict[str, Path] = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine_jax.batch import Distribution, ForwardRequest, Sample
-from engine_jax.engine import Engine
+from engine_jax.engine import Engine, _bucket_pages
 from tests.engine.engine_utils import request, step_logprobs
 
 
@@ -35,6 +35,34 @@ def test_step_updates_the_donated_pool_without_copying_it(tiny_llama_model):
     assert engine.step(requests)  # and it runs
 
 
+def test_page_table_widths_waste_at_most_a_third_past_eight_pages():
+    widths = [_bucket_pages(n) for n in range(1, 2049)]
+    assert widths == sorted(widths)
+    for n, width in enumerate(widths, start=1):
+        assert width >= n
+        assert width <= max(8, 3 * n // 2), (n, width)  # unused < a third of the width (powers of two: half)
+    # Few shapes: powers of two and 1.5x powers of two only.
+    assert set(widths) <= {1 << k for k in range(12)} | {3 << k for k in range(2, 11)}
+
+
+def test_step_attends_over_a_non_power_of_two_page_table(tiny_llama_model):
+    """Nine pages run with a 12-wide page table: the logits equal those of the same sequence
+    run with the pages of a 16-wide table (a second sequence of 13 pages in the batch)."""
+    engine = Engine(tiny_llama_model, page_size=4, num_pages=64)
+    tokens = np.random.default_rng(3).integers(0, engine.config.vocab_size, 50).tolist()
+    alone_pages, mixed_pages, long_pages = engine.pool.alloc(9), engine.pool.alloc(9), engine.pool.alloc(13)
+    outputs = (Distribution(index=34, k=8),)
+
+    def prompt(pages, n):
+        return ForwardRequest(tokens=tokens[:n], positions=range(n), pages=pages, last_page_len=(n - 1) % 4 + 1,
+                              outputs=outputs if n == 35 else ())
+    (alone,) = engine.step([prompt(alone_pages, 35)])
+    mixed, _ = engine.step([prompt(mixed_pages, 35), prompt(long_pages, 50)])
+    assert re.search(r"s32\[1,12\]", engine.step_hlo([prompt(alone_pages, 35)]))
+    assert alone[0][0] == mixed[0][0]
+    np.testing.assert_allclose(alone[0][1], mixed[0][1], rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_in_interpret_mode_matches_the_reference(tiny_llama_model):
     tokens = tiny_llama_model.tokenizer.encode("Return a new list containing all items from the iterable")
     results = []
@@ -47,3 +75,38 @@ def test_kernel_in_interpret_mode_matches_the_reference(tiny_llama_model):
         second = step_logprobs(engine, request(engine, tokens[6:10], range(6, 10), pages, 10, mask=mask))
         results.append(np.concatenate([first, second]))
     np.testing.assert_allclose(results[1], results[0], atol=2e-5)
+
+
+def test_engine_clears_compiled_executables_past_its_memory_map_budget(tiny_llama_model):
+    """Every compiled kernel holds memory mappings; past the budget the engine drops JAX's
+    executable caches (the mappings go with them) and goes on computing the same results."""
+    from engine_jax import map_budget
+    from engine_jax.engine import _step_jit
+
+    if map_budget.map_count() is None:
+        pytest.skip("this platform has no /proc/self/maps to count mappings in")
+    engine = Engine(tiny_llama_model, page_size=4, num_pages=64)
+    tokens = np.random.default_rng(5).integers(0, engine.config.vocab_size, 40).tolist()
+
+    def logprobs_after(n: int):
+        pages = engine.pool.alloc(-(-n // 4))
+        try:
+            (out,) = engine.step([ForwardRequest(tokens=tokens[:n], positions=range(n), pages=pages,
+                                                 last_page_len=(n - 1) % 4 + 1,
+                                                 outputs=(Distribution(index=n - 1, k=5),))])
+            return out[0]
+        finally:
+            engine.pool.free(pages)
+
+    before = logprobs_after(9)
+    # A limit just above what the process holds now: the next new shape goes over it.
+    engine.map_budget = map_budget.MapBudget(limit=map_budget.map_count() + 8, fraction=1.0)
+    held = map_budget.map_count()
+    after = logprobs_after(21)  # 6 pages: a shape not compiled yet
+    assert engine.map_budget.clears == 1
+    assert _step_jit._cache_size() == 0  # every step executable was dropped ...
+    assert map_budget.map_count() < held  # ... and its mappings with it
+    assert len(after[0]) == 5  # the step that went over the budget returned its results
+    again = logprobs_after(9)  # compiled again
+    assert before[0] == again[0]
+    np.testing.assert_allclose(before[1], again[1], rtol=1e-6)

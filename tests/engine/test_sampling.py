@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine_jax.batch import Distribution, ForwardRequest, Logprobs, Sample
 from engine_jax.engine import Engine
-from engine_jax.sampling import sample_tokens, token_logprobs, top_k_distribution
+from engine_jax.sampling import first_argmax, sample_tokens, token_logprobs, top_k_distribution
 
 V = 64
 
@@ -47,6 +47,21 @@ def probs_of(logits, temperature=1.0):
 def test_greedy_is_argmax():
     logits = np.random.default_rng(0).standard_normal((16, V)).astype(np.float32)
     np.testing.assert_array_equal(draw(logits, temperature=0.0), logits.argmax(-1))
+
+
+_SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.data())
+def test_first_argmax_is_jnp_argmax(rows, vocab, data):
+    """Ties take the first index, a NaN wins (the first one), all -inf gives 0: exactly jnp.argmax."""
+    values = data.draw(st.lists(st.one_of(_SPECIAL, st.floats(-4, 4, width=32)),
+                                min_size=rows * vocab, max_size=rows * vocab))
+    logits = jnp.asarray(np.array(values, np.float32).reshape(rows, vocab))
+    got = np.asarray(jax.jit(first_argmax)(logits))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(logits, axis=-1)))
 
 
 def test_top_k_one_is_greedy():
