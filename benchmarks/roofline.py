@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(parser)
     parser.add_argument("--context", type=int, default=128, help="tokens in KV before the timed steps")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
     parser.add_argument("--buffer-mb", type=int, default=1024, help="bandwidth buffer size")
     args = parser.parse_args()
