@@ -80,11 +80,14 @@ def test_kernel_in_interpret_mode_matches_the_reference(tiny_llama_model):
 def test_engine_clears_compiled_executables_past_its_memory_map_budget(tiny_llama_model):
     """Every compiled kernel holds memory mappings; past the budget the engine drops JAX's
     executable caches (the mappings go with them) and goes on computing the same results."""
+    import jax
+
     from engine_jax import map_budget
     from engine_jax.engine import _step_jit
 
     if map_budget.map_count() is None:
         pytest.skip("this platform has no /proc/self/maps to count mappings in")
+    jax.clear_caches()  # both shapes below compile here, whatever ran before in this process
     engine = Engine(tiny_llama_model, page_size=4, num_pages=64)
     tokens = np.random.default_rng(5).integers(0, engine.config.vocab_size, 40).tolist()
 
