@@ -1,11 +1,11 @@
 """The engine: one batched, jitted forward step over many requests, plus device ops on the KV pool.
 
 ``Engine.step`` validates each ``ForwardRequest``, flattens the batch into
-bucketed arrays (powers of two for tokens, requests and output rows; past 8
-pages per request, powers of two and the points halfway between them), so a
-few compilations serve every mix, runs one jitted step with the KV pool
-donated, and turns the device outputs back into per-request
-results. See ``engine_jax.batch`` for slot/page/position semantics.
+bucketed arrays (powers of two for tokens, requests, pages per request and
+output rows; for decode batches past 8 pages, also the points halfway
+between powers of two), so a few compilations serve every mix, runs one
+jitted step with the KV pool donated, and turns the device outputs back into
+per-request results. See ``engine_jax.batch`` for slot/page/position semantics.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from engine_jax.kv_cache import KVCache, PagePool, create_kv_cache, pages_for_bu
 from engine_jax.map_budget import MapBudget
 from engine_jax.model import Params, TokenBatch, forward, rope_inv_freq
 from engine_jax.paged_attention import AttentionFn, resolve_attention
+from engine_jax.paged_attention.reference import use_by_request
 from engine_jax.sampling import row_keys, sample_tokens, token_logprobs, top_k_distribution
 
 _CPU_KV_BUDGET = 512 * 1024 * 1024
@@ -67,15 +68,19 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _bucket_pages(n: int) -> int:
-    """Page-table width: powers of two up to 8, then powers of two and 1.5x powers of two (12, 24, 48, ...).
+def _bucket_pages(n: int, decode: bool = True) -> int:
+    """Page-table width: powers of two; for a decode batch past 8 pages also 1.5x powers of two (12, 24, ...).
 
-    Decode attention gathers and scores every slot of the bucket, so a power
-    of two would waste up to half the work (9 used pages attended as 16);
-    the half steps cap the waste at a third for a few more compiled shapes.
+    Decode attention (the per-token path) gathers and scores every slot of
+    the bucket, so a power of two would waste up to half the work (9 used
+    pages attended as 16); the half steps cap the waste at a third for a few
+    more compiled shapes. Batches that bring several tokens per request
+    (prefill) take the by-request path, which walks K/V in whole blocks of
+    256 slots and stops at each request's end: a finer width would only add
+    shapes to compile there.
     """
     p = _bucket(n)
-    if p > 8 and 4 * n <= 3 * p:
+    if decode and p > 8 and 4 * n <= 3 * p:
         return 3 * p // 4
     return p
 
@@ -333,7 +338,8 @@ class Engine:
         kv_lens = np.fromiter((r.sequence_length(ps) for r in requests), np.int64, num_req)
         max_pages = max(len(r.pages) for r in requests)
         total = int(q_lens.sum())
-        T, R, P = _bucket(total), _bucket(num_req), _bucket_pages(max_pages)
+        T, R = _bucket(total), _bucket(num_req)
+        P = _bucket_pages(max_pages, decode=not use_by_request(T, R))
         S = P * ps
 
         tokens = np.zeros(T, np.int32)

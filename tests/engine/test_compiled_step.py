@@ -43,22 +43,26 @@ def test_page_table_widths_waste_at_most_a_third_past_eight_pages():
         assert width <= max(8, 3 * n // 2), (n, width)  # unused < a third of the width (powers of two: half)
     # Few shapes: powers of two and 1.5x powers of two only.
     assert set(widths) <= {1 << k for k in range(12)} | {3 << k for k in range(2, 11)}
+    # Prefill batches (the by-request path walks whole 256-slot blocks) keep powers of two.
+    assert {_bucket_pages(n, decode=False) for n in range(1, 2049)} == {1 << k for k in range(12)}
 
 
-def test_step_attends_over_a_non_power_of_two_page_table(tiny_llama_model):
-    """Nine pages run with a 12-wide page table: the logits equal those of the same sequence
-    run with the pages of a 16-wide table (a second sequence of 13 pages in the batch)."""
+def test_decode_attends_over_a_non_power_of_two_page_table(tiny_llama_model):
+    """A decode step of a 9-page sequence runs with a 12-wide page table; its logits equal
+    those of the same step batched with a 13-page sequence (a 16-wide table)."""
     engine = Engine(tiny_llama_model, page_size=4, num_pages=64)
     tokens = np.random.default_rng(3).integers(0, engine.config.vocab_size, 50).tolist()
     alone_pages, mixed_pages, long_pages = engine.pool.alloc(9), engine.pool.alloc(9), engine.pool.alloc(13)
-    outputs = (Distribution(index=34, k=8),)
+    for pages, n in ((alone_pages, 34), (mixed_pages, 34), (long_pages, 49)):
+        engine.step([ForwardRequest(tokens=tokens[:n], positions=range(n), pages=pages,
+                                    last_page_len=(n - 1) % 4 + 1, outputs=())])
 
-    def prompt(pages, n):
-        return ForwardRequest(tokens=tokens[:n], positions=range(n), pages=pages, last_page_len=(n - 1) % 4 + 1,
-                              outputs=outputs if n == 35 else ())
-    (alone,) = engine.step([prompt(alone_pages, 35)])
-    mixed, _ = engine.step([prompt(mixed_pages, 35), prompt(long_pages, 50)])
-    assert re.search(r"s32\[1,12\]", engine.step_hlo([prompt(alone_pages, 35)]))
+    def decode(pages, n):  # token n - 1 at position n - 1, after n - 1 prefilled
+        return ForwardRequest(tokens=tokens[n - 1:n], positions=[n - 1], pages=pages, last_page_len=(n - 1) % 4 + 1,
+                              outputs=(Distribution(index=0, k=8),))
+    assert re.search(r"s32\[1,12\]", engine.step_hlo([decode(alone_pages, 35)]))
+    (alone,) = engine.step([decode(alone_pages, 35)])
+    mixed, _ = engine.step([decode(mixed_pages, 35), decode(long_pages, 50)])
     assert alone[0][0] == mixed[0][0]
     np.testing.assert_allclose(alone[0][1], mixed[0][1], rtol=1e-5, atol=1e-6)
 
