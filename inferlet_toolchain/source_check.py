@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -92,6 +93,13 @@ class SourceInfo:
     stdlib_modules: set[str] = field(default_factory=set)
 
 
+# CPython 3.11 keeps the AST constructor's recursion depth per interpreter, not
+# per thread: two threads parsing at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905). pie-build may
+# run in several threads (the sample tests build two inferlets at a time).
+_AST_LOCK = threading.Lock()
+
+
 def _parse(path: Path) -> ast.Module:
     try:
         text = path.read_text(encoding="utf-8")
@@ -100,7 +108,8 @@ def _parse(path: Path) -> ast.Module:
     except UnicodeDecodeError:
         raise SourceError(str(path), None, "the source is not UTF-8 text") from None
     try:
-        return ast.parse(text, filename=str(path))
+        with _AST_LOCK:
+            return ast.parse(text, filename=str(path))
     except SyntaxError as error:
         raise SourceError(str(path), error.lineno, f"syntax error: {error.msg}", error.offset) from None
 
