@@ -16,9 +16,14 @@ Arguments (shared by the reference and the Pallas kernel):
 * ``q_slots`` ``int32[T]``: each new token's slot within its sequence.
 * ``custom_mask`` ``bool[T, max_pages * page_size]`` or None: replaces the
   causal rule (``j <= q_slots[t]``) for every token when given.
+* ``window`` (static int or None), ``q_positions`` ``int32[T]`` and
+  ``kv_positions`` ``int32[num_pages, page_size]``: a sliding window by
+  position (Gemma's local layers). With a window, slot ``j`` must also hold a
+  token whose position ``p_j`` satisfies ``q_positions[t] - p_j < window``.
 
 Token ``t`` of request ``r`` attends to slot ``j`` iff ``j < kv_lens[r]``,
-the slot is valid, and the causal rule (or ``custom_mask[t, j]``) holds.
+the slot is valid, the causal rule (or ``custom_mask[t, j]``) holds, and ``j``
+lies inside the window when one is given.
 Query head ``h`` reads kv head ``h // (num_q_heads // num_kv_heads)``. The
 softmax runs in float32; a token with nothing to attend to outputs zeros.
 
@@ -81,7 +86,11 @@ def paged_attention(
     custom_mask: jax.Array | None,
     *,
     scale: float,
+    window: int | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
 ) -> jax.Array:
     """Paged attention with the default implementation for this process (see module docstring)."""
     fn = resolve_attention(None)
-    return fn(q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, scale=scale)
+    return fn(q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, scale=scale,
+              window=window, q_positions=q_positions, kv_positions=kv_positions)

@@ -16,7 +16,11 @@ docstring). The work is split in three stages:
    valid bits and ``j < kv_lens[r]`` are folded into one per-request vector
    ``[R, slots]``, and each block gets a loop bound ``kv_end``: ``kv_lens[r]``
    with a custom mask, else ``min(kv_lens[r], max q_slot in the block + 1)``
-   (causal blocks never touch pages past their last query's slot).
+   (causal blocks never touch pages past their last query's slot). With a
+   sliding window by position, each block also gets ``kv_start``, the first
+   slot that is valid and inside the window of one of its rows (slots are not
+   ordered by position in general, so this is a search over the request's
+   slots), and the page walk starts at its kv block.
 2. **Kernel.** One program per (query block[, kv head]) runs an online
    (flash) softmax in float32 over its request's pages, ``pages_per_block``
    pages at a time, stopping at ``kv_end``. Masked scores become a large
@@ -187,6 +191,10 @@ class _Blocks:
     valid: jax.Array  # bool[R, max_slots_padded]: slot_valid & (j < kv_len)
     mask: jax.Array | None  # bool[NB, block_q, max_slots_padded]
     block_start: jax.Array  # int32[R]: first block of each request
+    # Sliding window by position (None without a window):
+    kv_start: jax.Array | None = None  # int32[NB]: first slot any row of the block may see
+    row_pos: jax.Array | None = None  # int32[NB, rows]: position of each row's token
+    kv_pos: jax.Array | None = None  # int32[R, max_slots_padded]: position of each slot's token
 
 
 def _plan_blocks(
@@ -198,6 +206,9 @@ def _plan_blocks(
     cu_q_lens: jax.Array,
     q_slots: jax.Array,
     custom_mask: jax.Array | None,
+    window: int | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
 ) -> _Blocks:
     nb, bq, r = plan.num_blocks, plan.block_q, plan.num_requests
     cu = cu_q_lens.astype(jnp.int32)
@@ -243,6 +254,14 @@ def _plan_blocks(
     if custom_mask is not None:
         padded = jnp.pad(custom_mask.astype(jnp.bool_), ((0, 0), (0, (mpp - mp) * s)))
         mask = padded[token] & row_live[:, :, None]
+    kv_start = row_pos = kv_pos = None
+    if window is not None:
+        pos = q_positions.astype(jnp.int32)[token]  # [NB, BQ]
+        row_pos = jnp.broadcast_to(pos[:, None, :], (nb, gp, bq)).reshape(nb, plan.rows)
+        kv_pos = kv_positions.astype(jnp.int32)[table].reshape(r, plan.max_slots_padded)
+        lowest = jnp.min(jnp.where(row_live, pos, jnp.iinfo(jnp.int32).max), axis=1) - window + 1
+        seen = (kv_pos[req] >= lowest[:, None]) & valid[req]
+        kv_start = jnp.argmax(seen, axis=1).astype(jnp.int32)
     return _Blocks(
         req=req,
         kv_end=kv_end.astype(jnp.int32),
@@ -252,6 +271,9 @@ def _plan_blocks(
         valid=valid,
         mask=mask,
         block_start=block_start,
+        kv_start=kv_start,
+        row_pos=row_pos,
+        kv_pos=kv_pos,
     )
 
 
@@ -333,11 +355,14 @@ def _gpu_body(
     plan: _Plan,
     scale: float,
     has_mask: bool,
+    window: int | None,
 ):
-    if has_mask:
-        mask_ref, o_ref = rest  # bool[BQ, MSp], [rows, D]
-    else:
-        (o_ref,) = rest
+    rest = list(rest)
+    mask_ref = rest.pop(0) if has_mask else None  # bool[BQ, MSp]
+    if window is not None:
+        kv_start_ref, row_pos_ref, kv_pos_ref = rest[:3]  # int32[1], int32[rows], int32[R * MSp]
+        rest = rest[3:]
+    (o_ref,) = rest  # [rows, D]
     pb, kb_size, d = plan.pages_per_block, plan.kv_block, plan.head_dim
     req = req_ref[0]
     kv_end = kv_end_ref[0]
@@ -357,6 +382,9 @@ def _gpu_body(
         else:
             j = start + jnp.arange(kb_size, dtype=jnp.int32)
             allowed = allowed & (j[None, :] <= row_slots)
+        if window is not None:
+            kv_pos = kv_pos_ref[pl.ds(req * plan.max_slots_padded + start, kb_size)]
+            allowed = allowed & (row_pos[:, None] - kv_pos[None, :] < window)
         return _flash_update(q, k, v, allowed, m, l, acc, scale)
 
     init = (
@@ -364,11 +392,17 @@ def _gpu_body(
         jnp.zeros((rows, 1), jnp.float32),
         jnp.zeros((rows, d), jnp.float32),
     )
-    _, l, acc = lax.fori_loop(0, _cdiv_in_kernel(kv_end, kb_size), body, init)
+    first = 0
+    if window is not None:
+        row_pos = row_pos_ref[...]
+        first = lax.div(kv_start_ref[0], jnp.int32(kb_size))
+    _, l, acc = lax.fori_loop(first, _cdiv_in_kernel(kv_end, kb_size), body, init)
     o_ref[...] = _finish(acc, l).astype(o_ref.dtype)
 
 
-def _gpu_call(plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, interpret: bool | Any) -> jax.Array:
+def _gpu_call(
+    plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, window: int | None, interpret: bool | Any
+) -> jax.Array:
     from jax.experimental.pallas import triton as plgpu
 
     p, s, kvh, d = k_pages.shape
@@ -399,7 +433,14 @@ def _gpu_call(plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, i
     if has_mask:
         in_specs.append(pl.BlockSpec((None, plan.block_q, plan.max_slots_padded), lambda b, h: (b, 0, 0)))
         args.append(blocks.mask)
-    kernel = functools.partial(_gpu_body, plan=plan, scale=scale, has_mask=has_mask)
+    if window is not None:
+        in_specs += [
+            pl.BlockSpec((1,), per_block),
+            pl.BlockSpec((None, rows), lambda b, h: (b, 0)),
+            pl.BlockSpec((plan.num_requests * plan.max_slots_padded,), whole),
+        ]
+        args += [blocks.kv_start, blocks.row_pos, blocks.kv_pos.reshape(-1)]
+    kernel = functools.partial(_gpu_body, plan=plan, scale=scale, has_mask=has_mask, window=window)
     return pl.pallas_call(
         kernel,
         grid=(plan.num_blocks, kvh),
@@ -419,23 +460,29 @@ def _tpu_body(
     req_ref,  # SMEM int32[NB]
     kv_end_ref,  # SMEM int32[NB]
     table_ref,  # SMEM int32[R * MPp]
-    slots_ref,  # [rows, 1]
-    q_ref,  # [KVH, rows, D]
-    valid_ref,  # [1, KB] int32
     *rest,
     plan: _Plan,
     scale: float,
     has_mask: bool,
+    window: int | None,
 ):
+    rest = list(rest)
+    kv_start_ref = rest.pop(0) if window is not None else None  # SMEM int32[NB]
+    slots_ref, q_ref, valid_ref = rest[:3]  # [rows, 1], [KVH, rows, D], [1, KB] int32
+    rest = rest[3:]
     pb, kvh, s = plan.pages_per_block, plan.num_kv_heads, plan.page_size
     k_refs, v_refs = rest[:pb], rest[pb : 2 * pb]
     rest = rest[2 * pb :]
-    if has_mask:
-        mask_ref, o_ref, m_ref, l_ref, acc_ref = rest
-    else:
-        o_ref, m_ref, l_ref, acc_ref = rest
+    mask_ref = rest.pop(0) if has_mask else None
+    if window is not None:
+        row_pos_ref, kv_pos_ref = rest[:2]  # [rows, 1], [1, KB] int32
+        rest = rest[2:]
+    o_ref, m_ref, l_ref, acc_ref = rest
     b, kb = pl.program_id(0), pl.program_id(1)
     kb_size = plan.kv_block
+    in_range = kb * kb_size < kv_end_ref[b]
+    if window is not None:
+        in_range = in_range & ((kb + 1) * kb_size > kv_start_ref[b])
 
     @pl.when(kb == 0)
     def _init():
@@ -443,7 +490,7 @@ def _tpu_body(
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(kb * kb_size < kv_end_ref[b])
+    @pl.when(in_range)
     def _step():
         allowed = valid_ref[...] != 0
         if has_mask:
@@ -452,6 +499,8 @@ def _tpu_body(
         else:
             j = kb * kb_size + lax.broadcasted_iota(jnp.int32, (1, kb_size), 1)
             allowed = allowed & (j <= slots_ref[...])
+        if window is not None:
+            allowed = allowed & (row_pos_ref[...] - kv_pos_ref[...] < window)
         for h in range(kvh):
             # Head h of a page [S * KVH, D] is every KVH-th row starting at h.
             k = jnp.concatenate([r[pl.ds(h, s, stride=kvh), :] for r in k_refs], axis=0)
@@ -469,29 +518,34 @@ def _tpu_body(
             o_ref[h] = _finish(acc_ref[h], l_ref[h][:, :1]).astype(o_ref.dtype)
 
 
-def _tpu_call(plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, interpret: bool | Any) -> jax.Array:
+def _tpu_call(
+    plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, window: int | None, interpret: bool | Any
+) -> jax.Array:
     from jax.experimental.pallas import tpu as pltpu
 
     p, s, kvh, d = k_pages.shape
     rows, pb, kb_size = plan.rows, plan.pages_per_block, plan.kv_block
     has_mask = blocks.mask is not None
 
-    def last_kv_block(b, kv_end_ref):
-        # Steps past the block's last needed kv block keep its index: Pallas skips the re-fetch.
-        return jnp.maximum(_cdiv_in_kernel(kv_end_ref[b], kb_size) - 1, 0)
+    def needed_kv_block(b, kb, kv_end_ref, *kv_start_ref):
+        # Steps outside the block's needed kv blocks keep the nearest needed index: Pallas skips the re-fetch.
+        kb = jnp.minimum(kb, jnp.maximum(_cdiv_in_kernel(kv_end_ref[b], kb_size) - 1, 0))
+        if kv_start_ref:
+            kb = jnp.maximum(kb, lax.div(kv_start_ref[0][b], jnp.int32(kb_size)))
+        return kb
 
     def page_map(i):
-        def index(b, kb, req_ref, kv_end_ref, table_ref):
-            kb = jnp.minimum(kb, last_kv_block(b, kv_end_ref))
+        def index(b, kb, req_ref, kv_end_ref, table_ref, *kv_start_ref):
+            kb = needed_kv_block(b, kb, kv_end_ref, *kv_start_ref)
             return (table_ref[req_ref[b] * plan.max_pages_padded + kb * pb + i], 0, 0)
 
         return index
 
-    def valid_map(b, kb, req_ref, kv_end_ref, table_ref):
-        return (req_ref[b], 0, jnp.minimum(kb, last_kv_block(b, kv_end_ref)))
+    def valid_map(b, kb, req_ref, kv_end_ref, table_ref, *kv_start_ref):
+        return (req_ref[b], 0, needed_kv_block(b, kb, kv_end_ref, *kv_start_ref))
 
-    def mask_map(b, kb, req_ref, kv_end_ref, table_ref):
-        return (b, 0, jnp.minimum(kb, last_kv_block(b, kv_end_ref)))
+    def mask_map(b, kb, req_ref, kv_end_ref, table_ref, *kv_start_ref):
+        return (b, 0, needed_kv_block(b, kb, kv_end_ref, *kv_start_ref))
 
     per_block = lambda b, kb, *_: (b, 0, 0)  # noqa: E731
     page_spec = lambda i: pl.BlockSpec((None, s * kvh, d), page_map(i))  # noqa: E731
@@ -515,9 +569,14 @@ def _tpu_call(plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, i
     if has_mask:
         in_specs.append(pl.BlockSpec((None, plan.block_q, kb_size), mask_map))
         args.append(blocks.mask.astype(jnp.int32))
-    kernel = functools.partial(_tpu_body, plan=plan, scale=scale, has_mask=has_mask)
+    scalars = [blocks.req, blocks.kv_end, blocks.page_table]
+    if window is not None:
+        in_specs += [pl.BlockSpec((None, rows, 1), per_block), pl.BlockSpec((None, 1, kb_size), valid_map)]
+        args += [blocks.row_pos[:, :, None], blocks.kv_pos[:, None, :]]
+        scalars.append(blocks.kv_start)
+    kernel = functools.partial(_tpu_body, plan=plan, scale=scale, has_mask=has_mask, window=window)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=len(scalars),
         grid=(plan.num_blocks, plan.num_kv_blocks),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, kvh, rows, d), lambda b, kb, *_: (b, 0, 0, 0)),
@@ -534,7 +593,7 @@ def _tpu_call(plan: _Plan, blocks: _Blocks, k_pages, v_pages, *, scale: float, i
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
         name="pie_paged_attention_tpu",
-    )(blocks.req, blocks.kv_end, blocks.page_table, *args)
+    )(*scalars, *args)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -546,7 +605,7 @@ def default_backend() -> Backend:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "interpret", "backend", "block_q", "pages_per_block")
+    jax.jit, static_argnames=("scale", "window", "interpret", "backend", "block_q", "pages_per_block")
 )
 def paged_attention_kernel(
     q: jax.Array,
@@ -560,6 +619,9 @@ def paged_attention_kernel(
     custom_mask: jax.Array | None,
     *,
     scale: float,
+    window: int | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
     interpret: bool | Any = False,
     backend: Backend | None = None,
     block_q: int | None = None,
@@ -591,6 +653,13 @@ def paged_attention_kernel(
         raise ValueError(f"q_slots shape {q_slots.shape} != {(num_tokens,)}")
     if custom_mask is not None and custom_mask.shape != (num_tokens, max_pages * page_size):
         raise ValueError(f"custom_mask shape {custom_mask.shape} != {(num_tokens, max_pages * page_size)}")
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        if q_positions is None or q_positions.shape != (num_tokens,):
+            raise ValueError(f"a window needs q_positions of shape {(num_tokens,)}")
+        if kv_positions is None or kv_positions.shape != (num_pages, page_size):
+            raise ValueError(f"a window needs kv_positions of shape {(num_pages, page_size)}")
     if num_tokens == 0 or num_requests == 0:
         return jnp.zeros_like(q)
 
@@ -598,7 +667,8 @@ def paged_attention_kernel(
     if backend not in ("gpu", "tpu"):
         raise ValueError(f"unknown backend {backend!r}; choose 'gpu' or 'tpu'")
     plan = _make_plan(q, k_pages, page_table, backend, block_q, pages_per_block)
-    blocks = _plan_blocks(plan, q, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask)
+    blocks = _plan_blocks(plan, q, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask,
+                          window, q_positions, kv_positions)
     call = _gpu_call if backend == "gpu" else _tpu_call
-    out_blocks = call(plan, blocks, k_pages, v_pages, scale=scale, interpret=interpret)
+    out_blocks = call(plan, blocks, k_pages, v_pages, scale=scale, window=window, interpret=interpret)
     return _unplan(plan, out_blocks, blocks, cu_q_lens)

@@ -75,10 +75,14 @@ def paged_attention_reference(
     custom_mask: jax.Array | None,
     *,
     scale: float,
+    window: int | None = None,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of ragged new tokens over paged KV; see the package docstring for semantics."""
     fn = paged_attention_by_request if use_by_request(q.shape[0], page_table.shape[0]) else paged_attention_per_token
-    return fn(q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, scale=scale)
+    return fn(q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, scale=scale,
+              window=window, q_positions=q_positions, kv_positions=kv_positions)
 
 
 def use_by_request(num_tokens: int, num_requests: int) -> bool:
@@ -86,9 +90,16 @@ def use_by_request(num_tokens: int, num_requests: int) -> bool:
     return num_tokens >= 2 * num_requests
 
 
-def _check_shapes(q, k_pages, page_table, custom_mask) -> None:
+def _check_shapes(q, k_pages, page_table, custom_mask, window=None, q_positions=None, kv_positions=None) -> None:
     num_tokens, num_q_heads, _ = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        if q_positions is None or q_positions.shape != (num_tokens,):
+            raise ValueError(f"a window needs q_positions of shape {(num_tokens,)}")
+        if kv_positions is None or kv_positions.shape != (num_pages, page_size):
+            raise ValueError(f"a window needs kv_positions of shape {(num_pages, page_size)}")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     max_slots = page_table.shape[1] * page_size
@@ -100,10 +111,11 @@ def _check_shapes(q, k_pages, page_table, custom_mask) -> None:
 
 
 def paged_attention_per_token(
-    q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, *, scale: float
+    q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, *, scale: float,
+    window: int | None = None, q_positions=None, kv_positions=None,
 ) -> jax.Array:
     """Every token gathers its request's whole K/V (the decode path; see the module docstring)."""
-    _check_shapes(q, k_pages, page_table, custom_mask)
+    _check_shapes(q, k_pages, page_table, custom_mask, window, q_positions, kv_positions)
     num_tokens, _, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_requests, max_pages = page_table.shape
@@ -120,13 +132,21 @@ def paged_attention_per_token(
     chunk = max(1, min(num_tokens, _GATHER_BUDGET // max(per_token, 1)))
     chunk = 1 << (chunk.bit_length() - 1)  # power of two keeps shapes regular
 
-    def attend(q_c, req_c, slots_c, mask_c):
+    if window is None:
+        q_positions = jnp.zeros_like(q_slots)  # unused: keeps one chunking code path
+
+    def attend(q_c, req_c, slots_c, pos_c, mask_c):
+        allowed_window = None
+        if window is not None:
+            pages = page_table[req_c]
+            kv_pos = kv_positions[pages].reshape(q_c.shape[0], max_slots)
+            allowed_window = pos_c[:, None] - kv_pos < window
         return _attend_chunk(
-            q_c, req_c, slots_c, mask_c, k_pages, v_pages, slot_valid, page_table, kv_lens, scale
+            q_c, req_c, slots_c, mask_c, allowed_window, k_pages, v_pages, slot_valid, page_table, kv_lens, scale
         )
 
     if chunk >= num_tokens:
-        return attend(q, token_req, q_slots, custom_mask)
+        return attend(q, token_req, q_slots, q_positions, custom_mask)
 
     num_chunks = -(-num_tokens // chunk)
     pad = num_chunks * chunk - num_tokens
@@ -135,15 +155,16 @@ def paged_attention_per_token(
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-    xs = (chunked(q), chunked(token_req), chunked(q_slots))
+    xs = (chunked(q), chunked(token_req), chunked(q_slots), chunked(q_positions))
     if custom_mask is not None:
-        out = jax.lax.map(lambda a: attend(a[0], a[1], a[2], a[3]), xs + (chunked(custom_mask),))
+        out = jax.lax.map(lambda a: attend(*a), xs + (chunked(custom_mask),))
     else:
-        out = jax.lax.map(lambda a: attend(a[0], a[1], a[2], None), xs)
+        out = jax.lax.map(lambda a: attend(*a, None), xs)
     return out.reshape((num_chunks * chunk,) + q.shape[1:])[:num_tokens]
 
 
-def _attend_chunk(q, token_req, q_slots, custom_mask, k_pages, v_pages, slot_valid, page_table, kv_lens, scale):
+def _attend_chunk(q, token_req, q_slots, custom_mask, allowed_window, k_pages, v_pages, slot_valid, page_table,
+                  kv_lens, scale):
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     max_slots = page_table.shape[1] * page_size
@@ -160,6 +181,8 @@ def _attend_chunk(q, token_req, q_slots, custom_mask, k_pages, v_pages, slot_val
         allowed = allowed & custom_mask
     else:
         allowed = allowed & (slots[None, :] <= q_slots[:, None])
+    if allowed_window is not None:
+        allowed = allowed & allowed_window
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
     scores = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32)) * scale
@@ -187,15 +210,17 @@ def by_request_chunk(num_tokens: int, num_requests: int, num_q_heads: int, block
 def paged_attention_by_request(
     q, k_pages, v_pages, slot_valid, page_table, kv_lens, cu_q_lens, q_slots, custom_mask, *,
     scale: float, chunk: int | None = None, block_pages: int | None = None,
+    window: int | None = None, q_positions=None, kv_positions=None,
 ) -> jax.Array:
     """Jobs of ``chunk`` tokens of one request over that request's K/V blocks (see the module docstring).
 
     ``chunk`` (tokens per job) and ``block_pages`` (pages per K/V block) default
     to the module's rule; tests pass small values to exercise many jobs and
     blocks. Rows past ``cu_q_lens[-1]`` (padding) belong to no job and come out
-    as zeros.
+    as zeros. With a ``window``, a job starts at the block of the first slot
+    that is valid and inside the window of one of its tokens.
     """
-    _check_shapes(q, k_pages, page_table, custom_mask)
+    _check_shapes(q, k_pages, page_table, custom_mask, window, q_positions, kv_positions)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_requests, max_pages = page_table.shape
@@ -224,6 +249,7 @@ def paged_attention_by_request(
     qk = jnp.pad(q, [(0, chunk), (0, 0), (0, 0)]).astype(jnp.float32) * scale
     qk = qk.reshape(num_tokens + chunk, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     slots_pad = jnp.pad(q_slots, [(0, chunk)])
+    pos_pad = None if window is None else jnp.pad(q_positions, [(0, chunk)])
     mask_pad = None if custom_mask is None else jnp.pad(custom_mask, [(0, chunk), (0, 0)])
     rows = jnp.arange(chunk, dtype=jnp.int32)
     block_offsets = jnp.arange(block, dtype=jnp.int32)
@@ -240,6 +266,14 @@ def paged_attention_by_request(
         table = jax.lax.dynamic_index_in_dim(page_table, r, keepdims=False)
         # Blocks past the job's last attendable slot are skipped: causally, the last token's slot.
         end = kv_len if mask_c is not None else jnp.minimum(kv_len, jnp.max(jnp.where(row_ok, slots_c, -1)) + 1)
+        first_block = 0
+        if window is not None:
+            pos_c = jax.lax.dynamic_slice_in_dim(pos_pad, start, chunk)
+            # Slots are not ordered by position in general: find the first one any row may see.
+            lowest = jnp.min(jnp.where(row_ok, pos_c, jnp.iinfo(jnp.int32).max)) - window + 1
+            kv_pos_r = kv_positions[table].reshape(padded_slots)
+            seen = (kv_pos_r >= lowest) & slot_valid[table].reshape(padded_slots)
+            first_block = jnp.argmax(seen) // block
 
         def attend_block(b, carry):
             peak, denom, acc = carry  # online softmax over the blocks seen so far
@@ -252,6 +286,8 @@ def paged_attention_by_request(
                 allowed = allowed & (slots[None, :] <= slots_c[:, None])
             else:
                 allowed = allowed & jax.lax.dynamic_slice_in_dim(mask_c, b * block, block, axis=1)
+            if window is not None:
+                allowed = allowed & (pos_c[:, None] - kv_positions[pages].reshape(block)[None, :] < window)
             allowed = allowed[None, :, None, :]  # [1, chunk, 1, block]
             scores = jnp.einsum("kqd,ksd->kqs", q_c, k).reshape(num_kv_heads, chunk, group, block)
             scores = jnp.where(allowed, scores, -jnp.inf)
@@ -267,7 +303,7 @@ def paged_attention_by_request(
         stats = (num_kv_heads, chunk, group, 1)
         init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
                 jnp.zeros((num_kv_heads, chunk, group, head_dim), jnp.float32))
-        _, denom, acc = jax.lax.fori_loop(0, (end + block - 1) // block, attend_block, init)
+        _, denom, acc = jax.lax.fori_loop(first_block, (end + block - 1) // block, attend_block, init)
         # A token with no attendable slot gets zeros instead of 0/0.
         o = acc / jnp.where(denom > 0, denom, 1.0)
         o = o.transpose(1, 0, 2, 3).reshape(chunk, num_q_heads, head_dim).astype(out.dtype)
