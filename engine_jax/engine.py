@@ -31,9 +31,10 @@ from engine_jax.batch import (
     Sample,
 )
 from engine_jax.config import ModelConfig
+from engine_jax.families import family_of
 from engine_jax.kv_cache import KVCache, PagePool, create_kv_cache, pages_for_budget
 from engine_jax.map_budget import MapBudget
-from engine_jax.model import Params, TokenBatch, forward, rope_inv_freq
+from engine_jax.model import Params, TokenBatch
 from engine_jax.paged_attention import AttentionFn, resolve_attention
 from engine_jax.paged_attention.reference import use_by_request
 from engine_jax.sampling import row_keys, sample_tokens, token_logprobs, top_k_distribution
@@ -104,6 +105,7 @@ class OutputBatch:
 
 
 def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, sample_mode, sort_width, dist_k):
+    forward = family_of(config).forward
     cache, logits = forward(params, cache, batch, inv_freq, config=config, attention=attention)
     results = {}
     if sample_mode:
@@ -146,6 +148,7 @@ def _copy_slots(cache, src_page, src_offset, dst_page, dst_offset, count):
         k=tuple(copy(a) for a in cache.k),
         v=tuple(copy(a) for a in cache.v),
         slot_valid=copy(cache.slot_valid),
+        positions=None if cache.positions is None else copy(cache.positions),
     )
 
 
@@ -164,8 +167,9 @@ _set_jit = jax.jit(_set_valid, donate_argnums=(0,))
 class Engine:
     """Runs batched forward steps of one model over a paged KV pool.
 
-    ``model`` is any object with ``name``, ``config`` (ModelConfig),
-    ``params`` (model.Params) and ``tokenizer``. The pool holds
+    ``model`` is any object with ``name``, ``config`` (a family's config:
+    ModelConfig, Gemma3Config), ``params`` (that family's params) and
+    ``tokenizer``. The pool holds
     ``num_pages`` pages of ``page_size`` slots; by default as many as fit in
     ``kv_memory_bytes`` (default: 80% of free accelerator memory, 512 MiB on
     CPU). ``attention`` is "reference", "kernel", "interpret", a callable, or
@@ -196,10 +200,12 @@ class Engine:
             num_pages = pages_for_budget(self.config, page_size, self.dtype, budget)
         self.num_pages = int(num_pages)
         self.pool = PagePool(self.num_pages)
-        self.cache: KVCache = create_kv_cache(self.config, self.num_pages, page_size, self.dtype)
+        self.family = family_of(self.config)
+        self.cache: KVCache = create_kv_cache(self.config, self.num_pages, page_size, self.dtype,
+                                              with_positions=self.family.slot_positions)
         self.attention_fn = resolve_attention(attention)
         self.platform: str = jax.devices()[0].platform  # "cpu", "gpu", "tpu"
-        self._inv_freq = jnp.asarray(rope_inv_freq(self.config))
+        self._inv_freq = jnp.asarray(self.family.rope_inv_freq(self.config))
         self._stream_key = np.asarray(jax.random.key_data(jax.random.key(seed)), dtype=np.uint32)
         self._step_count = 0
         self._step = partial(_step_jit, config=self.config, attention=self.attention_fn)
@@ -353,7 +359,7 @@ class Engine:
         cu = np.full(R + 1, total, np.int32)
         cu[0] = 0
         cu[1:num_req + 1] = np.cumsum(q_lens)
-        window = c.sliding_window
+        window = self.family.mask_window(c)
         need_mask = any(r.mask is not None for r in requests) or (window is not None and kv_lens.max() > window)
         mask = np.zeros((T, S), np.bool_) if need_mask else None
         cols = np.arange(S)
@@ -481,7 +487,7 @@ class Engine:
             ids = np.full(_bucket(len(fresh)), self.num_pages, np.int32)
             ids[:len(fresh)] = fresh
             slot_valid = _clear_jit(self.cache.slot_valid, ids)
-            self.cache = KVCache(k=self.cache.k, v=self.cache.v, slot_valid=slot_valid)
+            self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
 
     def _check_range(self, page: int, offset: int, count: int, what: str) -> None:
         if not 0 <= page < self.num_pages:
@@ -514,7 +520,7 @@ class Engine:
             return
         self._flush_fresh_pages()
         slot_valid = _set_jit(self.cache.slot_valid, np.int32(page), np.int32(offset), np.int32(count), np.bool_(valid))
-        self.cache = KVCache(k=self.cache.k, v=self.cache.v, slot_valid=slot_valid)
+        self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
 
     def slot_valid(self) -> np.ndarray:
         """A host copy of the valid bits ``[num_pages, page_size]`` (for inspection and tests)."""

@@ -6,6 +6,9 @@ layer, so a layer's pages feed attention or a kernel without slicing a
 layer-stacked array, which would copy it). ``slot_valid[page, offset]`` is
 False for slots excluded from all attention: never written, masked by the
 application, or on a page freshly handed out by ``PagePool.alloc``.
+``positions[page, offset]`` (only for models whose attention windows are by
+position, e.g. Gemma 3's local layers; None otherwise) is the RoPE position
+of the token written into the slot.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [num_pages, page_size, num_kv_heads, head_dim]
     v: tuple[jax.Array, ...]
     slot_valid: jax.Array  # bool[num_pages, page_size]
+    positions: jax.Array | None = None  # int32[num_pages, page_size], or None
 
     @property
     def num_pages(self) -> int:
@@ -53,13 +57,16 @@ def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, memo
     return count
 
 
-def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
-    """A zeroed pool with every slot invalid."""
+def create_kv_cache(
+    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, with_positions: bool = False
+) -> KVCache:
+    """A zeroed pool with every slot invalid (and slot positions when ``with_positions``)."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         slot_valid=jnp.zeros((num_pages, page_size), jnp.bool_),
+        positions=jnp.zeros((num_pages, page_size), jnp.int32) if with_positions else None,
     )
 
 

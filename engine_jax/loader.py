@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine_jax import checkpoint, gguf, registry
-from engine_jax.config import ModelConfig
-from engine_jax.model import Params, params_from_state_dict
+from engine_jax.families import config_from_hf, params_from_state_dict
 from engine_jax.tokenizer import Tokenizer
 
 
@@ -28,8 +27,8 @@ class ModelNotFoundError(ValueError):
 @dataclass
 class LoadedModel:
     name: str
-    config: ModelConfig
-    params: Params
+    config: Any  # the family's config (engine_jax.families)
+    params: Any  # the family's params
     tokenizer: Tokenizer
     hf_config: dict[str, Any] = field(default_factory=dict)  # the config.json it came from
     source: str = ""  # where the weights were read from
@@ -88,7 +87,7 @@ def load_model(name_or_path: str | Path, dtype: Any = None) -> LoadedModel:
     """Load a model for the engine; ``dtype`` defaults to :func:`default_dtype`."""
     started = time.perf_counter()
     host = read_model(name_or_path)
-    config = ModelConfig.from_hf(host.hf_config)
+    config = config_from_hf(host.hf_config)
     if host.tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"{host.source}: tokenizer has {host.tokenizer.vocab_size} tokens but the model's "

@@ -107,9 +107,12 @@ def params_from_state_dict(
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies ``[head_dim // 2]`` (float32), with Llama-3 or linear scaling applied."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    scaling = config.rope_scaling_dict
+    return rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_dict)
+
+
+def rope_frequencies(d: int, theta: float, scaling: Mapping) -> np.ndarray:
+    """Inverse frequencies of a ``d``-dim RoPE with base ``theta`` and HF rope parameters ``scaling``."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / float(scaling["factor"])

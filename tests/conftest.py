@@ -1,7 +1,7 @@
 """Session-wide fixtures: tiny random Hugging Face checkpoints, built once per test session.
 
 * ``small_model_dir(family)`` -> Path of a checkpoint directory for a family in
-  ``tests.helpers.hf_models.FAMILIES`` ("llama", "qwen2", "qwen3", "mistral"):
+  ``tests.helpers.hf_models.ALL_FAMILIES`` ("llama", "qwen2", "qwen3", "mistral", "gemma3"):
   config.json, model.safetensors, tokenizer.json, tokenizer_config.json
   (ChatML template; special tokens <|endoftext|>, <|im_start|>, <|im_end|>).
 * ``tiny_llama_dir`` -> the "llama" one (Llama 3 rope scaling, tied embeddings).
@@ -23,7 +23,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.helpers.hf_models import FAMILIES, build_model_dir
+from tests.helpers.hf_models import ALL_FAMILIES, build_model_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,8 +41,8 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
     built: dict[str, Path] = {}
 
     def get(family: str) -> Path:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown test family {family!r}; choose one of {FAMILIES}")
+        if family not in ALL_FAMILIES:
+            raise ValueError(f"unknown test family {family!r}; choose one of {ALL_FAMILIES}")
         if family not in built:
             built[family] = build_model_dir(family, tmp_path_factory.mktemp(f"hf-{family}"))
         return built[family]

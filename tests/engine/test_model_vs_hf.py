@@ -9,7 +9,7 @@ import torch
 from engine_jax.engine import Engine
 from engine_jax.generate import generate
 from tests.engine.engine_utils import hf_logprobs, request, step_logprobs
-from tests.helpers.hf_models import FAMILIES
+from tests.helpers.hf_models import ALL_FAMILIES
 
 TOL = 1e-4
 TEXT = "Return a new list containing all items from the iterable in ascending order. " \
@@ -21,7 +21,7 @@ def prompt_tokens(model, n: int | None = None) -> list[int]:
     return tokens if n is None else tokens[:n]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_full_prompt_logprobs_match_transformers(family, family_models):
     hf, model = family_models(family)
     engine = Engine(model, page_size=16, num_pages=8)
@@ -32,7 +32,7 @@ def test_full_prompt_logprobs_match_transformers(family, family_models):
     assert np.abs(got - want).max() <= TOL
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("page_size", [4, 16])
 def test_incremental_decode_through_shuffled_pages(family, page_size, family_models):
     """Prefill a few tokens, then feed the rest in small chunks, with pages in a random physical order."""
@@ -53,7 +53,7 @@ def test_incremental_decode_through_shuffled_pages(family, page_size, family_mod
     assert np.abs(np.concatenate(got) - want).max() <= TOL
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_greedy_generation_matches_transformers_generate(family, family_models):
     hf, model = family_models(family)
     engine = Engine(model, page_size=4, num_pages=64)
@@ -67,7 +67,7 @@ def test_greedy_generation_matches_transformers_generate(family, family_models):
     assert engine.pool.num_free == 64
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_ragged_mixed_batch_equals_each_request_alone(family, family_models):
     """Prefills and decodes of different lengths in one step give the same log-probs as run alone."""
     _, model = family_models(family)

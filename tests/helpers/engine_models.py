@@ -8,8 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from engine_jax.config import ModelConfig
-from engine_jax.model import Params, params_from_state_dict
+from engine_jax.families import config_from_hf, params_from_state_dict
 from engine_jax.weights import load_hf_checkpoint
 
 
@@ -20,8 +19,8 @@ class TestModel:
     __test__ = False  # not a pytest test class
 
     name: str
-    config: ModelConfig
-    params: Params
+    config: Any
+    params: Any
     tokenizer: Any
     hf_config: dict = field(default_factory=dict)
 
@@ -31,7 +30,7 @@ def load_test_model(directory: Path, dtype: Any = jnp.float32) -> TestModel:
     from engine_jax.tokenizer import Tokenizer
 
     hf_config, state_dict = load_hf_checkpoint(directory)
-    config = ModelConfig.from_hf(hf_config)
+    config = config_from_hf(hf_config)
     return TestModel(
         name=Path(directory).name,
         config=config,

@@ -6,6 +6,9 @@ Each family exercises one architecture feature the engine must match:
 * ``qwen2``   - biases on the q/k/v projections
 * ``qwen3``   - q/k RMSNorm and an explicit head_dim different from hidden/heads
 * ``mistral`` - plain Mistral (untied head, grouped-query attention)
+* ``gemma3``  - Gemma 3: local (sliding-window, window 6) and global layers with their own RoPE
+  bases (linear scaling on the global ones), q/k norms, four norms per block, GeGLU,
+  query_pre_attn_scalar != head_dim, final logit softcapping, tied embeddings
 
 Weights are drawn with a larger spread than transformers' default init, and
 norm weights and biases are randomised too, so logits are far from uniform
@@ -28,7 +31,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # the Llama-architecture families (engine_jax.model)
+ALL_FAMILIES = FAMILIES + ("gemma3",)
+GEMMA3_WINDOW = 6  # shorter than the test sequences
 
 _COMMON = dict(
     hidden_size=64,
@@ -63,7 +68,16 @@ def family_config(family: str, vocab_size: int):
     if family == "mistral":
         return transformers.MistralConfig(vocab_size=vocab_size, tie_word_embeddings=False,
                                           sliding_window=None, **_COMMON, **ids)
-    raise ValueError(f"unknown test family {family!r}; choose one of {FAMILIES}")
+    if family == "gemma3":
+        common = {**_COMMON, "num_hidden_layers": 3}
+        return transformers.Gemma3TextConfig(
+            vocab_size=vocab_size, tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=24,
+            sliding_window=GEMMA3_WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+            **common, **ids)
+    raise ValueError(f"unknown test family {family!r}; choose one of {ALL_FAMILIES}")
 
 
 def training_text() -> list[str]:
