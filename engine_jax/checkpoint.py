@@ -154,14 +154,22 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ModelCacheError(f"{directory}: config.json is missing or unreadable ({exc})") from exc
 
 
-def convert(src: str | Path, out: str | Path, *, progress: bool = True, source: Mapping[str, Any] | None = None) -> Path:
-    """Convert a GGUF file or a Hugging Face checkpoint directory into a converted model at ``out``."""
+def convert(src: str | Path, out: str | Path, *, progress: bool = True, source: Mapping[str, Any] | None = None,
+            chat_template: str | None = None) -> Path:
+    """Convert a GGUF file or a Hugging Face checkpoint directory into a converted model at ``out``.
+
+    ``chat_template`` is used when the GGUF file carries none.
+    """
     from engine_jax import gguf
 
     src = Path(src)
     record = {"path": str(src.absolute()), **(source or {})}
     if gguf.is_gguf(src):
+        if progress:  # parsing a large vocabulary's metadata takes a while before the bar starts
+            print(f"reading {src.name}: metadata and tokenizer ...", file=sys.stderr)
         reader, model_config, tokenizer = gguf.read_gguf_header(src)
+        if chat_template and not tokenizer.chat_template:
+            tokenizer = tokenizer.with_chat_template(chat_template)
         tensors = gguf.iter_gguf_tensors(reader, model_config, src)
         return save_converted(out, model_config, tensors, tokenizer, source={"format": "gguf", **record},
                               total=len(reader.tensors), progress=progress)

@@ -23,6 +23,7 @@ examples:
   pie-model pull smollm2-135m-instruct
   pie-model convert ./SmolLM2.gguf --out ./smollm2-converted
   pie-model info smollm2-135m-instruct
+  pie-model info gemma3-270m          # also shows the license terms of the weights
 
 Converted models are cached under $PIE_HOME/models/<name>/ (default ~/.cache/pie).
 """
@@ -92,15 +93,18 @@ def describe(target: str) -> dict[str, Any]:
     path = Path(target).expanduser()
     if target in registry.KNOWN_MODELS:
         spec = registry.get_spec(target)
-        out.update(name=spec.name, description=spec.description, source=spec.requirement,
-                   sha256=spec.sha256, cached=registry.is_cached(target))
+        out.update(name=spec.name, description=spec.description, source=" + ".join(spec.requirements),
+                   sha256=spec.sha256, license=spec.license or "not stated",
+                   license_files=[str(p) for p in registry.license_paths(spec)],
+                   cached=registry.is_cached(target))
         if out["cached"]:
             path = registry.cache_dir(target)
             out["cache_dir"] = str(path)
         else:
             source = registry.installed_source(spec)
             if source is None:
-                out["note"] = f"not installed; run `pie-model pull {target}`"
+                state = "not assembled yet" if not registry.missing_distributions(spec) else "not installed"
+                out["note"] = f"{state}; run `pie-model pull {target}`"
                 return out
             path = source
             out["note"] = f"not converted yet; run `pie-model pull {target}`"

@@ -1,9 +1,11 @@
 """Read a llama.cpp GGUF file as a Hugging Face style model: config dict, state dict, tokenizer.
 
-Quantized tensors are dequantized to float32 with the ``gguf`` package; llama.cpp's Q/K row
-permutation (``convert_hf_to_gguf.py``'s ``permute``, applied to llama-architecture models so its
-rotary kernel can pair adjacent rows) is undone; tensor names are mapped back to transformers'
-names ("model.layers.0.self_attn.q_proj.weight"). The result loads like any HF checkpoint.
+Quantized tensors (the legacy and the K-quants) are dequantized to float32 with the ``gguf``
+package; llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py``'s ``permute``, applied to
+llama-architecture models so its rotary kernel can pair adjacent rows) is undone; Gemma's norm
+weights, which llama.cpp stores as ``1 + weight``, get the 1 taken off again; tensor names are
+mapped back to transformers' names ("model.layers.0.self_attn.q_proj.weight"). The result loads
+like any HF checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 # Only llama.cpp's llama converter permutes Q/K; Qwen models are written in HF order.
 _PERMUTED_ARCHITECTURES = {"llama"}
@@ -64,6 +67,16 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 blocks have four norms: llama.cpp's ffn_norm is the pre-feedforward one there.
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_BLOCK_NAMES_BY_ARCH = {"gemma3": _GEMMA3_BLOCK_NAMES}
+# Architectures whose norm weights llama.cpp stores as 1 + weight.
+_NORM_PLUS_ONE = {"gemma3"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
@@ -163,10 +176,31 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> dict[str, Any]:
         "torch_dtype": "float32",
     }
     scaling = _rope_scaling(reader, arch, config, path)
+    if arch == "gemma3":
+        config.update(_gemma3_config(key, head_dim))
     config["rope_scaling"] = scaling
     # transformers >= 5 reads rope settings from one dict; older versions from the two keys above
     config["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
     return config
+
+
+def _gemma3_config(key: Any, head_dim: int) -> dict[str, Any]:
+    """The Gemma 3 fields llama.cpp does not store, as llama.cpp runs the model: every sixth
+    layer global, local layers at RoPE base 10000, scores scaled by 1/sqrt(head_dim)."""
+    sliding_window = key("attention.sliding_window")
+    if sliding_window is None:
+        raise GGUFError("metadata key gemma3.attention.sliding_window is missing")
+    softcap = key("final_logit_softcapping")
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "sliding_window": int(sliding_window),
+        "sliding_window_pattern": 6,
+        "rope_local_base_freq": float(key("rope.freq_base_swa", 10000.0)),
+        "query_pre_attn_scalar": head_dim,
+        "final_logit_softcapping": float(softcap) if softcap else None,
+        "attn_logit_softcapping": None,
+    }
 
 
 def _rope_scaling(reader: Any, arch: str, config: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
@@ -224,15 +258,16 @@ def _llama3_divisors(inv_freq: np.ndarray, s: dict[str, Any]) -> np.ndarray:
     return np.asarray(out)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The transformers name of a GGUF tensor; None for tensors folded into the config."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name == "rope_freqs.weight":
         return None
+    block_names = _BLOCK_NAMES_BY_ARCH.get(arch, _BLOCK_NAMES)
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in block_names:
+        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
     raise KeyError(gguf_name)
 
 
@@ -254,10 +289,11 @@ def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<
     from gguf.quants import dequantize
 
     supported = _supported_types()
+    arch = _field(reader, "general.architecture")
     permute = config["model_type"] in _PERMUTED_ARCHITECTURES
     for t in reader.tensors:
         try:
-            name = hf_tensor_name(t.name)
+            name = hf_tensor_name(t.name, arch)
         except KeyError:
             raise GGUFError(f"{path}: unsupported tensor {t.name!r} for {config['model_type']} models") from None
         if name is None:
@@ -276,6 +312,8 @@ def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<
             array = unpermute_qk(array, config["num_attention_heads"])
         elif permute and ".self_attn.k_proj." in name:
             array = unpermute_qk(array, config["num_key_value_heads"])
+        if arch in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+            array -= 1.0
         yield name, array
 
 

@@ -78,6 +78,8 @@ _CONTROL = 3
 _USER_DEFINED = 4
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Control tokens llama.cpp treats as an end of generation by their spelling.
+_END_OF_TURN_TOKENS = ("<end_of_turn>",)
 
 
 def _token_content(value: Any) -> str | None:
@@ -159,7 +161,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, reader: Any) -> "Tokenizer":
-        """Rebuild a GPT-2 style byte-level BPE tokenizer from a ``gguf.GGUFReader``'s metadata."""
+        """Rebuild the tokenizer a ``gguf.GGUFReader``'s metadata describes, as transformers does:
+        byte-level BPE ("gpt2") or, for Gemma models, SentencePiece-style BPE ("llama")."""
         fields = reader.fields
 
         def get(key: str, default: Any = None) -> Any:
@@ -168,44 +171,22 @@ class Tokenizer:
         model = get("tokenizer.ggml.model")
         if model is None:
             raise TokenizerError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-        if model != "gpt2":
+        if model == "gpt2":
+            backend, vocab, alphabet = _byte_level_backend(get)
+        elif model == "llama":
+            from engine_jax.gguf_sentencepiece import sentencepiece_backend
+
+            try:
+                backend, spelled = sentencepiece_backend(get, get("general.architecture"))
+            except ValueError as exc:
+                raise TokenizerError(str(exc)) from None
+            vocab, alphabet = set(spelled), None
+        else:
             raise TokenizerError(
-                f"GGUF tokenizer type {model!r} is not supported (only byte-level BPE, 'gpt2')"
+                f"GGUF tokenizer type {model!r} is not supported (byte-level BPE 'gpt2', or 'llama' for Gemma)"
             )
         tokens: list[str] = get("tokenizer.ggml.tokens")
-        merges: list[str] | None = get("tokenizer.ggml.merges")
-        if not tokens or not merges:
-            raise TokenizerError("the GGUF file's BPE tokenizer lacks tokenizer.ggml.tokens or .merges")
         token_types: list[int] = get("tokenizer.ggml.token_type") or []
-
-        spelling = byte_to_unicode()
-        alphabet = set(spelling.values())
-        # llama.cpp stores some tokens as plain text; the BPE model needs them in the byte alphabet.
-        vocab = {
-            tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-            for i, tok in enumerate(tokens)
-        }
-        backend = tokenizers.Tokenizer(
-            BPE(
-                vocab=vocab,
-                merges=[tuple(m.split(" ")) for m in merges],
-                dropout=None,
-                continuing_subword_prefix="",
-                end_of_word_suffix="",
-                fuse_unk=False,
-            )
-        )
-        split = _GGUF_PRE_SPLITS.get(get("tokenizer.ggml.pre"))
-        if split is None:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        backend.decoder = decoders.ByteLevel()
 
         config: dict[str, Any] = {}
         for name, key in (
@@ -224,10 +205,11 @@ class Tokenizer:
         config["chat_template"] = get("tokenizer.chat_template") or ""
 
         # Control tokens become special added tokens, user-defined ones plain added tokens, so
-        # both are matched whole in text. A "control" token outside the byte alphabet is a
-        # llama.cpp mislabel and is skipped, as transformers does.
+        # both are matched whole in text. In a byte-level vocabulary a "control" token outside
+        # the byte alphabet is a llama.cpp mislabel and is skipped, as transformers does.
         control = [
-            t for t, kind in zip(tokens, token_types) if kind == _CONTROL and set(t) <= alphabet
+            t for t, kind in zip(tokens, token_types)
+            if kind == _CONTROL and (alphabet is None or set(t) <= alphabet)
         ]
         named = [config[n] for n in _SPECIAL_NAMES if n in config and config[n] not in control]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control + named])
@@ -245,7 +227,16 @@ class Tokenizer:
             for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
             if (v := get(key)) is not None
         ]
+        if model == "llama":
+            # llama.cpp ends a generation at a control token spelled like an end of turn even when
+            # the file names no eot id (Gemma's <end_of_turn>); so do we.
+            extra += [i for i, (t, kind) in enumerate(zip(tokens, token_types))
+                      if kind == _CONTROL and t in _END_OF_TURN_TOKENS]
         return cls(backend, config, extra)
+
+    def with_chat_template(self, template: str) -> "Tokenizer":
+        """This tokenizer with ``template`` as its chat template."""
+        return Tokenizer(self._backend, {**self._config, "chat_template": template}, self._eos_ids)
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (template included) into ``directory``."""
@@ -390,6 +381,43 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Whatever is still buffered (an incomplete sequence becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
+
+
+def _byte_level_backend(get: Any) -> tuple[tokenizers.Tokenizer, dict[str, int], set[str]]:
+    """GPT-2 style byte-level BPE from GGUF metadata: (backend, vocab, the byte alphabet)."""
+    tokens: list[str] = get("tokenizer.ggml.tokens")
+    merges: list[str] | None = get("tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise TokenizerError("the GGUF file's BPE tokenizer lacks tokenizer.ggml.tokens or .merges")
+    spelling = byte_to_unicode()
+    alphabet = set(spelling.values())
+    # llama.cpp stores some tokens as plain text; the BPE model needs them in the byte alphabet.
+    vocab = {
+        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, tok in enumerate(tokens)
+    }
+    backend = tokenizers.Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ")) for m in merges],
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    split = _GGUF_PRE_SPLITS.get(get("tokenizer.ggml.pre"))
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab, alphabet
 
 
 def _bos_eos_processor(
