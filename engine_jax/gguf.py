@@ -186,7 +186,11 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> dict[str, Any]:
 
 def _gemma3_config(key: Any, head_dim: int) -> dict[str, Any]:
     """The Gemma 3 fields llama.cpp does not store, as llama.cpp runs the model: every sixth
-    layer global, local layers at RoPE base 10000, scores scaled by 1/sqrt(head_dim)."""
+    layer global, local layers at RoPE base 10000, scores scaled by 1/sqrt(head_dim), except
+    for the 27B (62 layers), scaled by 1/sqrt(hidden / heads) (its query_pre_attn_scalar, 168).
+    (transformers' GGUF loader takes 256 for every size: the same for all but the 27B.)"""
+    layers, hidden, heads = key("block_count"), key("embedding_length"), key("attention.head_count")
+    query_pre_attn_scalar = hidden // heads if layers == 62 else head_dim
     sliding_window = key("attention.sliding_window")
     if sliding_window is None:
         raise GGUFError("metadata key gemma3.attention.sliding_window is missing")
@@ -197,7 +201,7 @@ def _gemma3_config(key: Any, head_dim: int) -> dict[str, Any]:
         "sliding_window": int(sliding_window),
         "sliding_window_pattern": 6,
         "rope_local_base_freq": float(key("rope.freq_base_swa", 10000.0)),
-        "query_pre_attn_scalar": head_dim,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
         "final_logit_softcapping": float(softcap) if softcap else None,
         "attn_logit_softcapping": None,
     }
