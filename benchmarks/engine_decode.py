@@ -1,11 +1,11 @@
 """Decode tokens/s of the engine's native loop vs Hugging Face transformers ``generate``, same model and weights.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/engine_decode.py [MODEL] [--batch 1 16] [--context 128]
-        [--steps 32] [--repeats 5] [--no-hf] [--no-steps]
+    PYTHONPATH=. .venv/bin/python benchmarks/engine_decode.py [MODEL | --model MODEL] [--batch 1 16]
+        [--context 128] [--steps 32] [--repeats 5] [--no-hf] [--no-steps]
 
-MODEL is anything ``engine_jax.loader.load_model`` accepts (a registry name,
-a GGUF file, a Hugging Face checkpoint directory; default: the default
-model). Its weights are read once into host memory; the engine and a
+MODEL is anything ``engine_jax.loader.load_model`` accepts (a registry name
+such as ``gemma3-270m``, a GGUF file, a Hugging Face checkpoint directory of
+any supported family; default: the default model). Its weights are read once into host memory; the engine and a
 transformers ``AutoModelForCausalLM`` (float32, eval, torch threads = CPU
 cores) are both built from that state dict, so both arms run the same
 weights (for a GGUF file: the same dequantised values).
@@ -158,14 +158,14 @@ def compare(arms: list, batch: int, context: int, steps: int, repeats: int, voca
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine_jax.config import ModelConfig
+    from engine_jax.families import config_from_hf, params_from_state_dict
     from engine_jax.loader import LoadedModel, default_dtype, read_model
-    from engine_jax.model import params_from_state_dict
     from engine_jax.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"model name, GGUF file or Hugging Face checkpoint directory (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="the same, as an option")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    host = read_model(args.model)
-    config = ModelConfig.from_hf(host.hf_config)
+    host = read_model(args.model_option or args.model)
+    config = config_from_hf(host.hf_config)
     model = LoadedModel(name=host.name, config=config, tokenizer=host.tokenizer, hf_config=host.hf_config,
                         params=params_from_state_dict(config, host.state_dict, default_dtype()), source=host.source)
     c = model.config

@@ -66,7 +66,7 @@ def gemv_chain(params):
     def chain(params, x):
         for lp in params.layers:
             qkv = x @ lp.w_qkv
-            x = x + qkv[:, : x.shape[1]] @ lp.w_o
+            x = x + qkv[:, : lp.w_o.shape[0]] @ lp.w_o
             gate_up = x @ lp.w_gate_up
             x = x + gate_up[:, : lp.w_down.shape[0]] @ lp.w_down
         head = params.lm_head if params.lm_head is not None else params.embed.T

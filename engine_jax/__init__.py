@@ -1,4 +1,4 @@
-"""The Pie model engine in JAX: Llama-family decoders over a paged KV pool.
+"""The Pie model engine in JAX: Llama-family and Gemma 3 decoders over a paged KV pool.
 
 The main entry points::
 
@@ -20,6 +20,7 @@ from engine_jax.batch import (
 )
 from engine_jax.config import ModelConfig
 from engine_jax.engine import Engine
+from engine_jax.gemma3 import Gemma3Config
 from engine_jax.generate import generate
 from engine_jax.kv_cache import OutOfPages, PagePool
 
@@ -28,6 +29,7 @@ __all__ = [
     "Engine",
     "EngineInputError",
     "ForwardRequest",
+    "Gemma3Config",
     "Logprobs",
     "ModelConfig",
     "OutOfPages",

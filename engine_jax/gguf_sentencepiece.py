@@ -62,8 +62,8 @@ def sentencepiece_backend(get: Callable[[str, Any], Any], architecture: str) -> 
     """
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"a SentencePiece (tokenizer.ggml.model 'llama') vocabulary is supported for "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} models only, not {architecture!r}"
+            f"GGUF tokenizer type 'llama' is not supported for {architecture!r} models (a SentencePiece "
+            f"vocabulary is rebuilt for {', '.join(SUPPORTED_ARCHITECTURES)} only)"
         )
     tokens = respell(list(get("tokenizer.ggml.tokens", None) or []))
     if not tokens:

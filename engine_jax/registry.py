@@ -227,7 +227,8 @@ def locate_source(spec: ModelSpec, *, allow_install: bool = True) -> Path:
         missing = missing_distributions(spec)
         if missing:
             if not allow_install:
-                raise RegistryError(f"{' '.join(missing)} not installed (needed for {spec.name}); "
+                verb = "is" if len(missing) == 1 else "are"
+                raise RegistryError(f"{', '.join(missing)} {verb} not installed (needed for {spec.name}); "
                                     f"run `pie-model pull {spec.name}`")
             install(spec)
         if spec.parts:

@@ -77,6 +77,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from engine_jax.paged_attention.reference import check_window
+
 Backend = Literal["gpu", "tpu"]
 
 # Finite stand-in for -inf: keeps every exp() argument finite, so a fully masked
@@ -653,13 +655,7 @@ def paged_attention_kernel(
         raise ValueError(f"q_slots shape {q_slots.shape} != {(num_tokens,)}")
     if custom_mask is not None and custom_mask.shape != (num_tokens, max_pages * page_size):
         raise ValueError(f"custom_mask shape {custom_mask.shape} != {(num_tokens, max_pages * page_size)}")
-    if window is not None:
-        if window < 1:
-            raise ValueError(f"window={window} must be >= 1")
-        if q_positions is None or q_positions.shape != (num_tokens,):
-            raise ValueError(f"a window needs q_positions of shape {(num_tokens,)}")
-        if kv_positions is None or kv_positions.shape != (num_pages, page_size):
-            raise ValueError(f"a window needs kv_positions of shape {(num_pages, page_size)}")
+    check_window(window, q_positions, kv_positions, num_tokens, num_pages, page_size)
     if num_tokens == 0 or num_requests == 0:
         return jnp.zeros_like(q)
 

@@ -90,16 +90,22 @@ def use_by_request(num_tokens: int, num_requests: int) -> bool:
     return num_tokens >= 2 * num_requests
 
 
+def check_window(window, q_positions, kv_positions, num_tokens: int, num_pages: int, page_size: int) -> None:
+    """ValueError unless a window (if any) comes with positions of the right shapes."""
+    if window is None:
+        return
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    if q_positions is None or q_positions.shape != (num_tokens,):
+        raise ValueError(f"a window needs q_positions of shape {(num_tokens,)}")
+    if kv_positions is None or kv_positions.shape != (num_pages, page_size):
+        raise ValueError(f"a window needs kv_positions of shape {(num_pages, page_size)}")
+
+
 def _check_shapes(q, k_pages, page_table, custom_mask, window=None, q_positions=None, kv_positions=None) -> None:
     num_tokens, num_q_heads, _ = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
-    if window is not None:
-        if window < 1:
-            raise ValueError(f"window={window} must be >= 1")
-        if q_positions is None or q_positions.shape != (num_tokens,):
-            raise ValueError(f"a window needs q_positions of shape {(num_tokens,)}")
-        if kv_positions is None or kv_positions.shape != (num_pages, page_size):
-            raise ValueError(f"a window needs kv_positions of shape {(num_pages, page_size)}")
+    check_window(window, q_positions, kv_positions, num_tokens, num_pages, page_size)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     max_slots = page_table.shape[1] * page_size

