@@ -179,8 +179,14 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> dict[str, Any]:
     if arch == "gemma3":
         config.update(_gemma3_config(key, head_dim))
     config["rope_scaling"] = scaling
-    # transformers >= 5 reads rope settings from one dict; older versions from the two keys above
+    # transformers >= 5 reads rope settings from one dict (Gemma 3: one per layer type);
+    # older versions from the keys above
     config["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+    if arch == "gemma3":
+        config["rope_parameters"] = {
+            "full_attention": config["rope_parameters"],
+            "sliding_attention": {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]},
+        }
     return config
 
 
