@@ -25,6 +25,19 @@ if str(REPO) not in sys.path:
 INFERLETS = Path(__file__).resolve().parent / "inferlets"
 
 
+def cpu_model() -> str:
+    """The host CPU's model name and core count (figures from different hosts compare with nothing)."""
+    import os
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def model_arg(parser: argparse.ArgumentParser) -> None:
     from engine_jax.registry import DEFAULT_MODEL
 

@@ -48,6 +48,9 @@ from engine_jax.batch import ForwardRequest, Sample  # noqa: E402
 from engine_jax.engine import Engine  # noqa: E402
 from engine_jax.generate import generate  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
+
 
 def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int, warmup: int = 3) -> list[float]:
     ps = engine.page_size
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     c = model.config
     print(f"model {model.name}: {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
           f"vocab {c.vocab_size}, dtype {model.params.embed.dtype}; context {args.context}, "
-          f"{args.steps} timed decode steps, {args.repeats} repeats, {os.cpu_count()} CPU cores")
+          f"{args.steps} timed decode steps, {args.repeats} repeats; CPU: {cpu_model()}")
     max_len = args.context + args.steps + 8
     pages_needed = max(args.batch) * (-(-max_len // args.page_size)) + 8
     engine = Engine(model, page_size=args.page_size, num_pages=pages_needed, attention=args.attention)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import fmt_samples, load_engine, median, model_arg
+from common import cpu_model, fmt_samples, load_engine, median, model_arg
 
 
 def weight_bytes(params) -> int:
@@ -102,7 +102,7 @@ def main() -> None:
     print(f"model {engine.name}: {params / 1e6:.1f} M parameters; a decode step reads {wbytes / 1e6:.1f} MB "
           f"of weights ({engine.dtype}), "
           f"KV read per step at context {args.context}: {kv_bytes / 1e6:.2f} MB; "
-          f"{len(jax.devices())} {jax.default_backend()} device(s)")
+          f"{len(jax.devices())} {jax.default_backend()} device(s); CPU: {cpu_model()}")
 
     ps = engine.page_size
     total = args.context + 1 + args.rounds * args.steps + 16
