@@ -197,9 +197,7 @@ def _gemma3_config(key: Any, head_dim: int) -> dict[str, Any]:
     (transformers' GGUF loader takes 256 for every size: the same for all but the 27B.)"""
     layers, hidden, heads = key("block_count"), key("embedding_length"), key("attention.head_count")
     query_pre_attn_scalar = hidden // heads if layers == 62 else head_dim
-    sliding_window = key("attention.sliding_window")
-    if sliding_window is None:
-        raise GGUFError("metadata key gemma3.attention.sliding_window is missing")
+    sliding_window = key("attention.sliding_window", required=True)
     softcap = key("final_logit_softcapping")
     return {
         "hidden_activation": "gelu_pytorch_tanh",
