@@ -116,7 +116,8 @@ def parse_settings(argv: Sequence[str]) -> argparse.Namespace:
     for a in actions.values():
         a.default = argparse.SUPPRESS
     given = vars(parser.parse_args(list(argv)))
-    from_file = read_config(Path(given["config"]), actions) if "config" in given else {}
+    by_flag = {opt[2:]: a for a in actions.values() for opt in a.option_strings if opt.startswith("--")}
+    from_file = read_config(Path(given["config"]), by_flag) if "config" in given else {}
     if "auth" in given or "no_auth" in given:  # a flag overrides the file's choice, either way
         from_file.pop("auth", None)
         from_file.pop("no_auth", None)
@@ -125,7 +126,8 @@ def parse_settings(argv: Sequence[str]) -> argparse.Namespace:
     return settings
 
 
-def read_config(path: Path, actions: dict[str, argparse.Action]) -> dict[str, Any]:
+def read_config(path: Path, by_flag: dict[str, argparse.Action]) -> dict[str, Any]:
+    """{dest: value} from a TOML file whose keys are long flag names (`by_flag`)."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
@@ -141,12 +143,11 @@ def read_config(path: Path, actions: dict[str, argparse.Action]) -> dict[str, An
             flat[key] = (key, value)
     values: dict[str, Any] = {}
     for key, (where, value) in flat.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None or dest == "config":
-            known = ", ".join(sorted(d.replace("_", "-") for d in actions if d != "config"))
+        action = by_flag.get(key.replace("_", "-"))
+        if action is None or action.dest == "config":
+            known = ", ".join(sorted(flag for flag in by_flag if flag != "config"))
             raise ConfigError(f"--config {path}: unknown setting {where!r}; known: {known}")
-        values[dest] = _convert(action, value, f"--config {path}: {where}")
+        values[action.dest] = _convert(action, value, f"--config {path}: {where}")
     return values
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+import threading
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +31,10 @@ class ServerCollector(Collector):
         phase = GaugeMetricFamily("pie_server_ready", "1 when the engine is serving, 0 while starting or draining")
         phase.add_metric([], 1.0 if state.phase == "ready" else 0.0)
         yield phase
+        threads = GaugeMetricFamily("pie_threads", "threads of the server process (one per running instance, "
+                                                   "plus a fixed few)")
+        threads.add_metric([], threading.active_count())
+        yield threads
         errors = CounterMetricFamily("pie_errors", "errors returned to clients, by code", labels=["code"])
         for code, count in sorted(state.errors.items()):
             errors.add_metric([code], count)
@@ -97,6 +103,7 @@ def _histogram(name: str, documentation: str, counts: Counter, bounds: tuple, to
 def metrics_registry(state: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(state))
+    ProcessCollector(registry=registry)  # process_open_fds, memory, CPU seconds
     return registry
 
 
