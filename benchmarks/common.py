@@ -25,6 +25,24 @@ if str(REPO) not in sys.path:
 INFERLETS = Path(__file__).resolve().parent / "inferlets"
 
 
+def print_machine() -> None:
+    """The CPU this run is on (figures from different CPUs compare with nothing)."""
+    import os
+    import platform
+
+    model, flags = platform.processor() or "unknown CPU", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f in ("avx", "avx2", "avx512f", "fma", "amx_tile")]
+                break
+    except OSError:
+        pass
+    print(f"machine: {model}, {os.cpu_count()} cores, ISA: {' '.join(flags) or 'unknown'}", flush=True)
+
+
 def model_arg(parser: argparse.ArgumentParser) -> None:
     from engine_jax.registry import DEFAULT_MODEL
 

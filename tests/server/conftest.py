@@ -123,7 +123,8 @@ def server_model_dir(small_model_dir: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="package")
 def server(server_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One server for the package's tests; stopped with SIGTERM at the end (it must exit 0)."""
-    running = start_server(server_model_dir, tmp_path_factory.mktemp("pie-serve"))
+    running = start_server(server_model_dir, tmp_path_factory.mktemp("pie-serve"),
+                           "--expose", f"shout={Path(__file__).parent / 'guests' / 'shout.py'}")
     try:
         yield running
     finally:

@@ -45,9 +45,19 @@ def pie_run_plain(server_model_dir, samples_built):
                            "--max-tokens", str(MAX_TOKENS))
 
 
-def test_models_lists_the_served_model(server, openai_client):
+def test_models_lists_the_served_model_and_the_exposed_program(server, openai_client):
     ids = [m.id for m in openai_client.models.list().data]
-    assert ids == [server.model]
+    assert ids == [server.model, "shout"]
+
+
+def test_an_exposed_program_answers_as_a_model(server, openai_client):
+    messages = [{"role": "user", "content": "hello there"}]
+    whole = openai_client.chat.completions.create(model="shout", messages=messages)
+    assert whole.choices[0].message.content == "HELLO THERE!"
+    chunks = [c.choices[0].delta.content or "" for c in
+              openai_client.chat.completions.create(model="shout", messages=messages, stream=True) if c.choices]
+    assert chunks[1:] == ["HELLO", " THERE", "!", ""]  # role chunk, its two sends, its result, the finish
+    assert openai_client.completions.create(model="shout", prompt="abc").choices[0].text == "ABC!"
 
 
 def test_greedy_chat_equals_pie_run(server, openai_client, pie_run_chat):
