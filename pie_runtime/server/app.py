@@ -65,7 +65,7 @@ class ServerState:
 
         s = self.settings
         allow = Capabilities.parse(s.allow)
-        programs = ProgramStore(allow, s.max_upload_mb * 1024 * 1024)
+        programs = ProgramStore(allow, s.max_upload_mb * 1024 * 1024, s.max_programs)
         for name, path in [(n, p) for n, _, p in (spec.partition("=") for spec in s.programs)]:
             programs.register_file(name.strip(), Path(path.strip()))
         self.completion_program = load_program_file("openai-completion", COMPLETION_PROGRAM, allow)

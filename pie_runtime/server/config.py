@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instances running at once per tenant (default 64)")
     lim.add_argument("--max-upload-mb", type=positive_int, default=64, metavar="MB",
                      help="largest program a client may upload (default 64)")
+    lim.add_argument("--max-programs", type=positive_int, default=256, metavar="N",
+                     help="uploaded programs kept compiled; past it the least recently used is forgotten "
+                          "and its tenants upload it again (default 256)")
     lim.add_argument("--event-buffer-kb", type=positive_int, default=1024, metavar="KB",
                      help="events buffered per instance for a client that reads slowly or is detached; "
                           "past it the instance's next output waits (default 1024)")

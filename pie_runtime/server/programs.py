@@ -14,6 +14,7 @@ import hashlib
 import logging
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,16 @@ class Upload:
 class ProgramStore:
     """Uploaded programs by hash (with the tenants that uploaded each) and registered ones by name."""
 
-    def __init__(self, allow: Capabilities, max_bytes: int, cache: Any | None = None) -> None:
+    def __init__(self, allow: Capabilities, max_bytes: int, max_programs: int = 256, cache: Any | None = None) -> None:
         from pie_runtime.component_cache import default_cache
 
         self.allow = allow
         self.max_bytes = max_bytes
+        # Uploaded programs kept compiled; past it the least recently used is forgotten (its
+        # tenants upload it again; running instances keep their own reference).
+        self.max_programs = max_programs
         self.cache = cache if cache is not None else default_cache()
-        self._by_hash: dict[str, StoredProgram] = {}
+        self._by_hash: OrderedDict[str, StoredProgram] = OrderedDict()
         self._visible: dict[str, set[str]] = {}  # tenant -> hashes it uploaded
         self._by_name: dict[str, StoredProgram] = {}
         self._lock = threading.Lock()
@@ -94,6 +98,7 @@ class ProgramStore:
         sha256 = check_hash(sha256)
         with self._lock:
             if sha256 in self._visible.get(tenant, ()):
+                self._by_hash.move_to_end(sha256)
                 return self._by_hash[sha256]
         return None
 
@@ -144,7 +149,12 @@ class ProgramStore:
             stored = self._compile(actual, data)
         with self._lock:
             stored = self._by_hash.setdefault(actual, stored)
+            self._by_hash.move_to_end(actual)
             self._visible.setdefault(upload.tenant, set()).add(actual)
+            while len(self._by_hash) > self.max_programs:
+                evicted, _ = self._by_hash.popitem(last=False)
+                for hashes in self._visible.values():
+                    hashes.discard(evicted)
         return stored
 
     def _compile(self, sha256: str, data: bytes) -> StoredProgram:
