@@ -25,8 +25,6 @@ EXIT_OK = 0
 EXIT_INSTANCE_FAILED = 1
 EXIT_USAGE = 2
 
-BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
-
 EPILOG = """\
 inferlet arguments:
   Everything after `--` goes to the inferlet and is checked against the
@@ -34,6 +32,7 @@ inferlet arguments:
 
 examples:
   pie-run sample_inferlets/text_completion.py -- --prompt "Once upon a time" --max-tokens 32
+  pie-run --server ws://127.0.0.1:8080 sample_inferlets/text_completion.py -- --prompt "Hi"
   pie-run app.wasm --model ./my-hf-model --instances 16 --batching adaptive
   echo hello | pie-run echo.wasm
 
@@ -52,59 +51,30 @@ exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from engine_jax.registry import DEFAULT_MODEL
-    from pie_runtime.policies import DEFAULT_DECODE_RUN
+    from pie_runtime.options import add_engine_options, add_runtime_options, positive_int
 
     p = argparse.ArgumentParser(
         prog="pie-run",
-        description="Run an inferlet (a Pie WebAssembly program) against a model on this machine.",
+        description="Run an inferlet (a Pie WebAssembly program) against a model on this machine, "
+                    "or on a pie-serve server with --server.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, built on the fly)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
-    p.add_argument("--page-size", type=_positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
-    p.add_argument("--kv-pages", type=_positive_int, default=None, metavar="N",
-                   help="KV pages in the pool (default: the engine's choice)")
-    p.add_argument("--instances", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="run N copies concurrently and print a summary (default 1)")
-    p.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
-                   help="batching policy of the serving core (default adaptive)")
-    p.add_argument("--queue-ahead", choices=("auto", "on", "off"), default="auto",
-                   help="tell inferlets to queue each decode run before the one ahead of it has run, "
-                        "so their own work overlaps the engine's: auto = on an accelerator, off on a CPU, "
-                        "where it would compete with the step for the cores (default auto)")
-    p.add_argument("--decode-run", type=_positive_int, default=None, metavar="N",
-                   help="tell inferlets to draw N tokens per call (forward-run): their per-call work "
-                        "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
-                        f"token (default {DEFAULT_DECODE_RUN})")
-    p.add_argument("--allow", default="", metavar="CAPS",
-                   help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
-    p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",
-                   help="CPU time limit per instance (time blocked on the model does not count)")
-    p.add_argument("--memory-limit", type=_positive_int, default=1024, metavar="MB",
-                   help="linear memory limit per instance in MiB (default 1024)")
     p.add_argument("--namespace", default="default",
                    help="user namespace for the key-value store and exports (default 'default')")
-    p.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
-                   help="register another program (.wasm or .py) that instances may launch by NAME (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
+    remote = p.add_argument_group("remote server")
+    remote.add_argument("--server", metavar="URL",
+                        help="run PROGRAM on a pie-serve server (ws://HOST:PORT) instead of on this machine; "
+                             "the model and engine options are then the server's")
+    remote.add_argument("--token", metavar="TOKEN",
+                        help="bearer token for --server (default: $PIE_TOKEN)")
+    add_engine_options(p)
+    add_runtime_options(p)
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -194,21 +164,6 @@ def _read_manifest(wasm: Path, console: _Console) -> Any | None:
         return None
 
 
-def _load_model(args: argparse.Namespace, console: _Console) -> tuple[Any, Any]:
-    from engine_jax.engine import Engine
-    from engine_jax.loader import load_model
-
-    console.log(f"pie-run: loading model {args.model} ...")
-    started = time.perf_counter()
-    loaded = load_model(args.model)
-    console.log(f"pie-run: read {loaded.name} ({loaded.config.architecture}, vocab {loaded.config.vocab_size}, "
-                f"{loaded.config.num_layers} layers) in {time.perf_counter() - started:.1f}s; preparing engine ...")
-    engine = Engine(loaded, page_size=args.page_size, num_pages=args.kv_pages)
-    console.log(f"pie-run: engine ready in {time.perf_counter() - started:.1f}s "
-                f"({engine.num_pages} KV pages of {engine.page_size} slots)")
-    return loaded, engine
-
-
 def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Entry point of `pie-run`; the streams can be replaced (tests)."""
@@ -263,6 +218,10 @@ def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console,
         inferlet_args = inferlet_argv
         grant = Capabilities()
         program_name = wasm.stem
+    if args.server is not None:
+        from pie_runtime.remote_run import run_remote
+
+        return run_remote(args, wasm, inferlet_args, console, stdin)
     return _run(args, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
 
 
@@ -270,10 +229,10 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
-    from pie_runtime.instance import Instance, InstanceLimits
+    from pie_runtime.instance import Instance
     from pie_runtime.messaging import ClientChannel
-    from pie_runtime.serving import ServingCore
-    from pie_runtime.wasm_host import Host, Program, ServedModel
+    from pie_runtime.options import instance_limits, load_engine, start_runtime
+    from pie_runtime.wasm_host import Program
 
     cache = default_cache()
     component = cache.load(wasm)
@@ -281,18 +240,14 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     registered = [Program(name, cache.load(path), program_manifest, program_grant)
                   for name, path, program_manifest, program_grant in programs]
     try:
-        loaded, engine = _load_model(args, console)
+        loaded, engine = load_engine(args, console.log, "pie-run")
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop
         console.error(f"pie-run: cannot load model {args.model}: {e}")
         return EXIT_USAGE
 
-    core = ServingCore(engine, policy=args.batching).start()
-    queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
-    served = ServedModel(loaded.name, engine, core, queue_ahead, args.decode_run)
-    host = Host([served], guest_output=console.guest_output)
-    for program in registered:
-        host.register_program(program)
-    limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
+    runtime = start_runtime(args, loaded, engine, guest_output=console.guest_output, programs=registered)
+    core, host = runtime.core, runtime.host
+    limits = instance_limits(args)
     many = args.instances > 1
 
     instances: list[Instance] = []

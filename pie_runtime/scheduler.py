@@ -18,6 +18,7 @@ Released pages go back to the pool only while no step is in flight (see
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -58,6 +59,8 @@ class ServingStats:
     forwards_failed: int = 0
     pages_copied_on_write: int = 0
     engine_seconds: float = 0.0  # wall time spent inside engine steps
+    # Step wall times as a histogram: upper bound (STEP_SECONDS_BUCKETS, then inf) -> steps.
+    step_seconds: Counter = field(default_factory=Counter)
 
     @property
     def max_batch_requests(self) -> int:
@@ -78,7 +81,16 @@ class ServingStats:
             self.forwards_failed,
             self.pages_copied_on_write,
             self.engine_seconds,
+            Counter(self.step_seconds),
         )
+
+
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def step_seconds_bucket(seconds: float) -> float:
+    """The histogram bucket of a step's wall time: the first bound it does not exceed."""
+    return next((bound for bound in STEP_SECONDS_BUCKETS if seconds <= bound), math.inf)
 
 
 @dataclass
@@ -413,6 +425,7 @@ class Scheduler:
         self._last_step_end = ended
         self._last_step_latency = ended - started
         self.stats.engine_seconds += ended - started
+        self.stats.step_seconds[step_seconds_bucket(ended - started)] += 1
         self.stats.steps += 1
         self.stats.batch_requests[len(batch)] += 1
         self.stats.batch_tokens[sum(len(p.request.tokens) for p in batch)] += 1

@@ -108,6 +108,11 @@ class ServingCore:
     def policy(self) -> BatchPolicy:
         return self._policy
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is serving."""
+        return self._scheduler.running
+
     # ---- instances --------------------------------------------------------
     def open_instance(self, instance_id: str, namespace: str = "default", page_quota: int | None = None) -> "InstanceState":
         with self._cv:

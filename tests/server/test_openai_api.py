@@ -1,0 +1,183 @@
+"""The OpenAI-compatible API of a real pie-serve, through the official `openai` client.
+
+Greedy results must equal what `pie-run` prints for the same prompt (the
+text_completion sample, run on this machine with the same model); streamed
+chunks must concatenate to the whole answer; grammars, seeds, `n`, stop
+strings and usage must behave as OpenAI documents; bad requests get 400s
+in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import KV_PAGES, PAGE_SIZE
+
+PROMPT = "The capital of France is"
+MAX_TOKENS = 12
+
+
+def pie_run_locally(model_dir, component, *args: str) -> str:
+    """What `pie-run` prints last (the result) for a local run of `component`."""
+    from pie_runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main([str(component), "--model", str(model_dir), "--page-size", str(PAGE_SIZE), "--kv-pages",
+                 str(KV_PAGES), "-q", "--", *args], stdin=io.StringIO(""), stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    return out.getvalue().splitlines()[-1] if out.getvalue().strip() else ""
+
+
+@pytest.fixture(scope="module")
+def pie_run_chat(server_model_dir, samples_built):
+    return pie_run_locally(server_model_dir, samples_built("text_completion"), "--prompt", PROMPT, "--chat",
+                           "--max-tokens", str(MAX_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def pie_run_plain(server_model_dir, samples_built):
+    return pie_run_locally(server_model_dir, samples_built("text_completion"), "--prompt", PROMPT,
+                           "--max-tokens", str(MAX_TOKENS))
+
+
+def test_models_lists_the_served_model_and_the_exposed_program(server, openai_client):
+    ids = [m.id for m in openai_client.models.list().data]
+    assert ids == [server.model, "shout"]
+
+
+def test_an_exposed_program_answers_as_a_model(server, openai_client):
+    messages = [{"role": "user", "content": "hello there"}]
+    whole = openai_client.chat.completions.create(model="shout", messages=messages)
+    assert whole.choices[0].message.content == "HELLO THERE!"
+    chunks = [c.choices[0].delta.content or "" for c in
+              openai_client.chat.completions.create(model="shout", messages=messages, stream=True) if c.choices]
+    assert chunks[1:] == ["HELLO", " THERE", "!", ""]  # role chunk, its two sends, its result, the finish
+    assert openai_client.completions.create(model="shout", prompt="abc").choices[0].text == "ABC!"
+
+
+def test_greedy_chat_equals_pie_run(server, openai_client, pie_run_chat):
+    reply = openai_client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == pie_run_chat
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == MAX_TOKENS
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + MAX_TOKENS
+
+
+def test_greedy_completion_equals_pie_run_and_stream_concatenates(server, openai_client, pie_run_plain):
+    whole = openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS)
+    assert whole.choices[0].text == pie_run_plain
+    chunks = list(openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0,
+                                                   max_tokens=MAX_TOKENS, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == pie_run_plain
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_chunks_concatenate_to_the_whole_reply(server, openai_client):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+    whole = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=10)
+    stream = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                   max_tokens=10, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # the usage chunk comes last
+    assert chunks[-1].choices == []
+
+
+def test_n_with_a_seed_is_reproducible(server, openai_client):
+    def ask():
+        reply = openai_client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], n=3, seed=1234,
+            temperature=1.0, max_tokens=8)
+        return [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = ask()
+    assert len(first) == 3
+    assert ask() == first
+    assert len(set(first)) > 1  # each choice draws its own tokens
+
+
+def test_stop_string_ends_the_text_before_it(server, openai_client, pie_run_plain):
+    stop = pie_run_plain[4:7]
+    assert stop and stop in pie_run_plain
+    reply = openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0,
+                                             max_tokens=MAX_TOKENS, stop=[stop])
+    assert reply.choices[0].text == pie_run_plain[:pie_run_plain.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0,
+                                                max_tokens=MAX_TOKENS, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+
+
+def test_json_schema_response_format_parses_and_validates(server, openai_client):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["colour", "count"], "additionalProperties": False}
+    for temperature in (0.0, 1.0):
+        reply = openai_client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "A colour and a count, as JSON."}],
+            temperature=temperature, seed=7, max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}})
+        value = json.loads(reply.choices[0].message.content)
+        assert set(value) == {"colour", "count"}
+        assert value["colour"] in ("red", "green", "blue")
+        assert isinstance(value["count"], int) and 0 <= value["count"] <= 9
+
+
+def test_a_shared_system_prompt_is_prefilled_once(server, openai_client):
+    system = "You are a careful assistant. " * 12  # many KV pages of a shared prefix
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello there."}]
+
+    def ask():
+        before = server.metrics()["pie_tokens_processed_total"]
+        reply = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                      max_tokens=6)
+        return reply, server.metrics()["pie_tokens_processed_total"] - before
+
+    first, first_processed = ask()
+    second, second_processed = ask()
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert cached >= 3 * PAGE_SIZE and cached % PAGE_SIZE == 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert second_processed == first_processed - cached  # the server ran the prefix's tokens only once
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unsupported_parameter"),
+    ({"messages": []}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "invalid_value"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "context_length_exceeded"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+    ({}, 400, "missing_required_parameter"),
+])
+def test_bad_chat_requests_get_openai_errors(server, body, status, code):
+    body = {"model": server.model, **body} if body else {"model": server.model}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60,
+                       headers={"Authorization": f"Bearer {server.tokens['alice']}"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_unknown_model_bad_json_and_bad_tokens(server, openai_client):
+    with pytest.raises(openai.NotFoundError):
+        openai_client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    headers = {"Authorization": f"Bearer {server.tokens['alice']}", "Content-Type": "application/json"}
+    reply = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=headers, timeout=30)
+    assert reply.status_code == 400 and "JSON" in reply.json()["error"]["message"]
+    stranger = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-nobody-0000000000000000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    anonymous = httpx.get(server.url + "/v1/models", timeout=30)
+    assert anonymous.status_code == 401
