@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                         "so their own work overlaps the engine's: auto = on an accelerator, off on a CPU, "
                         "where it would compete with the step for the cores (default auto)")
     p.add_argument("--decode-run", type=_positive_int, default=None, metavar="N",
-                   help="tell inferlets to draw N tokens per call (forward-run): their per-call work "
+                   help="tell inferlets to draw N tokens per forward call (a decode run): their per-call work "
                         "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
                         f"token (default {DEFAULT_DECODE_RUN})")
     p.add_argument("--allow", default="", metavar="CAPS",

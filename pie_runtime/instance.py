@@ -45,7 +45,8 @@ from wasmtime.component import Component
 
 from pie_runtime.errors import PieError
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host, InstanceContext, Program, bind_context, make_wasi
+from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
+                                   make_wasi)
 
 log = logging.getLogger("pie_runtime.instance")
 
@@ -62,7 +63,6 @@ MAX_LAUNCH_DEPTH = 4  # levels of children below a client-launched instance
 # How long an ending parent waits for its terminated children to finish their teardown.
 CHILD_STOP_SECONDS = 30.0
 
-RUN_INTERFACE = "pie:inferlet/run@0.1.0"
 
 # wasmtime-py binds the C function but does not wrap it; its ctypes signature
 # gives the callback types.

@@ -1,4 +1,11 @@
-"""Drift: every function of wit/ has an SDK binding (and vice versa)."""
+"""Drift: the contract (wit/), the Python SDK and the host agree.
+
+- Python SDK: every WIT function has a binding in `inferlet.raw.BINDINGS` (and
+  vice versa), where componentize-py's generated bindings put it.
+- Host: it implements the contract's version and binds every WIT function
+  under its linker name (tests/runtime/test_host.py also compares the
+  bindings with a real component's imports).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from inferlet_toolchain.wit_spec import find_wit_dir, linker_names, parse_functions, wit_functions
+from inferlet_toolchain.wit_spec import find_wit_dir, linker_names, package_version, parse_functions, wit_functions
 
 SDK = Path(__file__).resolve().parents[2] / "inferlet_toolchain" / "inferlet"
 
@@ -70,5 +77,18 @@ def test_parser_handles_resources_static_and_comments() -> None:
 def test_linker_names() -> None:
     names = linker_names()
     assert names[("inference", "queue", "forward")] == "[method]queue.forward"
+    assert package_version() == "0.2.0"
     assert names[("model", "model", "open")] == "[static]model.open"
     assert names[("runtime", None, "poll")] == "poll"
+
+
+def test_the_host_implements_the_contract_version_and_binds_every_function() -> None:
+    from pie_runtime.wasm_host import RUN_INTERFACE, WIT_PACKAGE, WIT_VERSION, bound_function_names
+
+    assert WIT_VERSION == package_version()
+    assert RUN_INTERFACE == f"pie:inferlet/run@{WIT_VERSION}"
+    expected = {f"{WIT_PACKAGE}/{iface}@{WIT_VERSION}#{name}"
+                for (iface, _, _), name in linker_names().items() if iface != "run"}
+    bound = bound_function_names()
+    assert len(bound) == len(set(bound))
+    assert set(bound) == expected
