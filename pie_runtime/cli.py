@@ -3,10 +3,10 @@
     pie-run PROGRAM [options] [-- INFERLET-ARGS...]
 
 PROGRAM is a built component (.wasm) or an inferlet source (.py, built on the
-fly with pie-build). What the inferlet sends goes to stdout, one message per
-line; lines typed on stdin are what it receives; its return value is printed
-last. Logs, progress and the run summary go to stderr, so stdout stays clean
-for pipes.
+fly with pie-build). What the inferlet sends goes to stdout, one
+message per line; lines typed on stdin are what it receives; its return
+value is printed last. Logs, progress and the run summary go to stderr, so
+stdout stays clean for pipes.
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def _read_manifest(wasm: Path, console: _Console) -> Any | None:
     try:
         return read_manifest(wasm)
     except ManifestError as e:
-        console.log(f"pie-run: {wasm.name}: {e}; arguments are passed through unchecked")
+        console.log(f"pie-run: {wasm.name}: {e}; arguments are passed through unchecked "
+                    f"(embed a manifest with `pie-build {wasm.name} --manifest FILE.toml`)")
         return None
 
 
@@ -270,6 +271,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
+    from pie_runtime.component_imports import check_imports
+    from pie_runtime.errors import PieError
     from pie_runtime.instance import Instance, InstanceLimits
     from pie_runtime.messaging import ClientChannel
     from pie_runtime.serving import ServingCore
@@ -280,6 +283,12 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     console.log(f"pie-run: component {wasm.name} {cache.stats.last_source} in {cache.stats.last_seconds * 1000:.0f} ms")
     registered = [Program(name, cache.load(path), program_manifest, program_grant)
                   for name, path, program_manifest, program_grant in programs]
+    for name, loaded_component in [(wasm.name, component), *((p.name, p.component) for p in registered)]:
+        try:
+            check_imports(loaded_component, cache.engine)
+        except PieError as e:
+            console.error(f"pie-run: {name}: {e.message}")
+            return EXIT_USAGE
     try:
         loaded, engine = _load_model(args, console)
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop

@@ -43,6 +43,7 @@ from wasmtime import WasmtimeError
 from wasmtime import _bindings, _ffi as ffi
 from wasmtime.component import Component
 
+from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
 from pie_runtime.messaging import ClientChannel
 from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
@@ -235,7 +236,11 @@ class Instance:
             wasi, sinks = make_wasi(ctx, self.grant, self.program_name)
             store.set_wasi(wasi)
             self._install_deadline(store)
-            instance = self.host.linker.instantiate(store, self.component)
+            try:
+                instance = self.host.linker.instantiate(store, self.component)
+            except WasmtimeError:
+                check_imports(self.component, self.host.wasm_engine)  # names what the host lacks
+                raise
             started = True
             run = _run_function(instance, store)
             result = run(store)

@@ -1011,6 +1011,11 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
 }
 
 
+def provided_interfaces() -> list[str]:
+    """The `pie:inferlet` interfaces this host implements (a component may import these)."""
+    return list(_BINDINGS)
+
+
 def bound_function_names() -> list[str]:
     """Every `interface#function` this host implements (tests compare it with the WIT)."""
     return [f"{_iface(i)}#{name}" for i, (_, fns) in _BINDINGS.items() for name, _, _ in fns]
