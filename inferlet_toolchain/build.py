@@ -5,8 +5,8 @@ executed), stage it with the SDK and a generated entry module in a scratch
 directory, run componentize-py against the contract (`wit/`, world
 `inferlet`), embed the manifest as the `pie-manifest` custom section, and
 cache the result by content hash: an unchanged rebuild only copies the
-cached component. A component built elsewhere (any language): embed the
-manifest given in a TOML or JSON file.
+cached component. A JavaScript inferlet: `js_build.py`. A component built
+elsewhere (any language): embed the manifest given in a TOML or JSON file.
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *
           quiet: bool = False, use_cache: bool = True) -> Path:
     """Builds `source` into a component; returns the path written.
 
-    source: a Python inferlet (.py), or a component built elsewhere
-      (.wasm), which then needs `manifest`, a TOML or JSON manifest file to embed.
+    source: a Python inferlet (.py), a JavaScript one (.js, .mjs), or a
+      component built elsewhere (.wasm), which then needs `manifest`, a
+      TOML or JSON manifest file to embed.
     output: default `<manifest name>.wasm` in the current directory.
     cache_dir: default $PIE_HOME/build (~/.cache/pie/build).
     use_cache: False forces a rebuild (the result still refreshes the cache).
@@ -163,7 +164,15 @@ def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *
                          "--manifest is for components built elsewhere (.wasm)")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    cached, out = _build_python(source, output, cache, quiet=quiet, use_cache=use_cache)
+    if kind in (".js", ".mjs"):
+        from .js_build import ToolchainError, build_js
+
+        try:
+            cached, out = build_js(source, output, cache, quiet=quiet, use_cache=use_cache)
+        except (ToolchainError, RuntimeError) as error:
+            raise BuildError(str(error)) from None
+    else:
+        cached, out = _build_python(source, output, cache, quiet=quiet, use_cache=use_cache)
     _place(cached, out)
     return out
 

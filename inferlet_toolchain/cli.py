@@ -21,6 +21,12 @@ Python (.py): the inferlet declares itself in its source with a module-level cal
 and defines `def main(args) -> str` (or `async def main(args)`); pie-build
 compiles it with componentize-py.
 
+JavaScript (.js, .mjs): the module calls `declare({name: ..., arguments:
+[{name: "prompt", type: "string", default: "Hi", help: "..."}]})` imported
+from 'inferlet' and exports `async function main(args)`; pie-build bundles
+it with the SDK and compiles it with componentize-js (installed with npm into
+$PIE_HOME/js on first use; needs node and npm).
+
 Any other language (.wasm): a component of the `inferlet` world built
 elsewhere, with --manifest FILE (TOML or JSON: name, version, description,
 capabilities, [[arguments]] with name/type/default/help/required; see
@@ -44,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", type=Path,
-                        help="the inferlet: Python (app.py) or a component (app.wasm)")
+                        help="the inferlet: Python (app.py), JavaScript (app.js) or a component (app.wasm)")
     parser.add_argument("--manifest", type=Path, default=None, metavar="FILE",
                         help="for a component built elsewhere: its manifest (.toml or .json) to embed")
     parser.add_argument("-o", "--output", type=Path, default=None,

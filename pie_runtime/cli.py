@@ -2,8 +2,8 @@
 
     pie-run PROGRAM [options] [-- INFERLET-ARGS...]
 
-PROGRAM is a built component (.wasm) or an inferlet source (.py, built on the
-fly with pie-build). What the inferlet sends goes to stdout, one
+PROGRAM is a built component (.wasm) or an inferlet source (.py or .js, built
+on the fly with pie-build). What the inferlet sends goes to stdout, one
 message per line; lines typed on stdin are what it receives; its return
 value is printed last. Logs, progress and the run summary go to stderr, so
 stdout stays clean for pipes.
@@ -44,7 +44,7 @@ capabilities:
 child instances:
   An inferlet that declares the "launch" capability may start children of
   itself, or of a program registered with --program NAME=PATH (repeatable;
-  .wasm or .py like PROGRAM), by NAME. Children are terminated when their
+  .wasm, .py or .js like PROGRAM), by NAME. Children are terminated when their
   parent ends; what they send is printed prefixed with "[CHILD-ID] ".
 
 exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, built on the fly)")
+    p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, .js: built on the fly)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
     p.add_argument("--page-size", type=_positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default",
                    help="user namespace for the key-value store and exports (default 'default')")
     p.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
-                   help="register another program (.wasm or .py) that instances may launch by NAME (repeatable)")
+                   help="register another program (.wasm, .py or .js) that instances may launch by NAME (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
     return p
 
@@ -143,7 +143,7 @@ class _Console:
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no such program: {path}")
-    if path.suffix == ".py":
+    if path.suffix in (".py", ".js", ".mjs"):
         from inferlet_toolchain.build import build
 
         console.log(f"pie-run: building {path} ...")
