@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from .bundled import find_sample, sample_names
 from .manifest import ManifestError, embed, load_manifest_file
 from .source_check import GENERATED_MODULES, SourceInfo, check_source
 from .wit_spec import find_wit_dir
@@ -153,7 +154,11 @@ def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *
     """
     source = Path(source)
     if not source.is_file():
-        raise BuildError(f"no such file: {source}")
+        sample = find_sample(str(source))
+        if sample is None:
+            raise BuildError(f"no such file: {source} (bundled samples, buildable by name: "
+                             f"{', '.join(sample_names()) or 'none'})")
+        source = sample
     kind = source.suffix.lower()
     if kind == ".wasm":
         if manifest is None:

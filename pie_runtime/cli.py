@@ -2,11 +2,11 @@
 
     pie-run PROGRAM [options] [-- INFERLET-ARGS...]
 
-PROGRAM is a built component (.wasm) or an inferlet source (.py or .js, built
-on the fly with pie-build). What the inferlet sends goes to stdout, one
-message per line; lines typed on stdin are what it receives; its return
-value is printed last. Logs, progress and the run summary go to stderr, so
-stdout stays clean for pipes.
+PROGRAM is a built component (.wasm), an inferlet source (.py or .js, built
+on the fly with pie-build), or the name of a bundled sample (text_completion).
+What the inferlet sends goes to stdout, one message per line; lines typed on
+stdin are what it receives; its return value is printed last. Logs, progress
+and the run summary go to stderr, so stdout stays clean for pipes.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, .js: built on the fly)")
+    p.add_argument("program", help="inferlet component (.wasm), inferlet source (.py, .js: built on the fly), "
+                                   "or a bundled sample's name (e.g. text_completion)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
     p.add_argument("--page-size", type=_positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
@@ -142,7 +143,13 @@ class _Console:
 
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"no such program: {path}")
+        from inferlet_toolchain.bundled import find_sample, sample_names
+
+        sample = find_sample(str(path))
+        if sample is None:
+            raise FileNotFoundError(f"no such program: {path} (bundled samples, runnable by name: "
+                                    f"{', '.join(sample_names()) or 'none'})")
+        path = sample
     if path.suffix in (".py", ".js", ".mjs"):
         from inferlet_toolchain.build import build
 
