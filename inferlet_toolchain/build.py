@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .bundled import find_sample, sample_names
+from .bundled import program_path
 from .manifest import ManifestError, embed, load_manifest_file
 from .source_check import GENERATED_MODULES, SourceInfo, check_source
 from .wit_spec import find_wit_dir
@@ -153,12 +153,10 @@ def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *
     declaration or manifest file, and BuildError otherwise.
     """
     source = Path(source)
-    if not source.is_file():
-        sample = find_sample(str(source))
-        if sample is None:
-            raise BuildError(f"no such file: {source} (bundled samples, buildable by name: "
-                             f"{', '.join(sample_names()) or 'none'})")
-        source = sample
+    try:
+        source = program_path(source)
+    except FileNotFoundError as error:
+        raise BuildError(str(error)) from None
     kind = source.suffix.lower()
     if kind == ".wasm":
         if manifest is None:

@@ -31,6 +31,18 @@ def sample_names() -> list[str]:
     return sorted(p.stem if p.suffix == ".py" else p.name for p in folder.iterdir() if p.suffix in SUFFIXES)
 
 
+def program_path(path: Path, what: str = "file") -> Path:
+    """`path` if it exists, else the bundled sample it names; FileNotFoundError
+    ("no such `what`", listing the samples) otherwise."""
+    if path.exists():
+        return path
+    sample = find_sample(str(path))
+    if sample is None:
+        raise FileNotFoundError(f"no such {what}: {path} (bundled samples, usable by name: "
+                                f"{', '.join(sample_names()) or 'none'})")
+    return sample
+
+
 def find_sample(name: str) -> Optional[Path]:
     """The bundled sample called `name` (`text_completion`, `text_completion.py`,
     `text_completion.js`), or None."""

@@ -142,14 +142,9 @@ class _Console:
 
 
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
-    if not path.exists():
-        from inferlet_toolchain.bundled import find_sample, sample_names
+    from inferlet_toolchain.bundled import program_path
 
-        sample = find_sample(str(path))
-        if sample is None:
-            raise FileNotFoundError(f"no such program: {path} (bundled samples, runnable by name: "
-                                    f"{', '.join(sample_names()) or 'none'})")
-        path = sample
+    path = program_path(path, "program")
     if path.suffix in (".py", ".js", ".mjs"):
         from inferlet_toolchain.build import build
 

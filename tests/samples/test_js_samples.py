@@ -12,25 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.samples.conftest import BUILT, SAMPLES, build_and_precompile
+from tests.samples.conftest import build_and_precompile
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far"]
 
 
-def _build_js(name: str) -> Path:
-    from inferlet_toolchain.build import build
-    from pie_runtime.component_cache import ComponentCache
-    from tests.runtime.guests.fixtures import PRECOMPILED
-
-    wasm = build(SAMPLES / f"{name}.js", BUILT / f"{name}_js.wasm", quiet=True)
-    ComponentCache(PRECOMPILED).load(wasm)
-    return Path(wasm)
-
-
 @pytest.fixture(scope="module")
 def components(samples_pie_home: None) -> dict[str, Path]:
-    return {f"{name}.{kind}": build(name) for name in ("text_completion", "parallel_generation")
-            for kind, build in (("js", _build_js), ("py", build_and_precompile))}
+    return {f"{name}.{kind}": build_and_precompile(f"{name}.js" if kind == "js" else name)
+            for name in ("text_completion", "parallel_generation") for kind in ("js", "py")}
 
 
 def _stdout(run) -> str:
