@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +25,9 @@ import pytest
 from tests.runtime.guests.fixtures import TEST_PIE_HOME
 
 REPO = Path(__file__).resolve().parents[2]
+# What the wheel is built from (pyproject.toml's packages, their linked data, the readme).
+SOURCE_TREE = ("pyproject.toml", "README.md", "engine_jax", "pie_runtime", "inferlet_toolchain", "wit",
+               "sample_inferlets")
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +44,18 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     """(bin directory of a fresh venv with the wheel installed, environment to run it in)."""
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIE_HOME")}
+    # Built from a copy of what the package is made of: an in-tree build would
+    # leave build/ and *.egg-info in the checkout (and reuse stale ones).
+    source = root / "source"
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SOURCE_TREE:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(REPO / name, source / name)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", root / "dist", REPO], root, env)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", root / "dist", source], root, env)
     (wheel,) = (root / "dist").glob("pie_jax-*.whl")
     _run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], root, env)
     python = root / "venv" / "bin" / "python"
