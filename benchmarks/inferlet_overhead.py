@@ -7,8 +7,8 @@ process:
 - inferlet: `sample_inferlets/text_completion.py`, built and launched through
   the Host / ServingCore path `pie-run` uses (one Wasm instance per request,
   N launched at once, adaptive batching), once per `--decode-run` length: the
-  model-info hint that makes the SDK hand its decode passes over that many
-  per `forward-run` call (1 = one `forward-wait` call per token);
+  scheduling hint (`runtime.scheduling`) that makes the SDK hand its decode
+  passes over that many per `forward` call (1 = one call per token);
 - native: `engine_jax.generate.generate` over the N prompts (one prefill
   step, then one batched decode step per token).
 

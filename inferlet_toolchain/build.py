@@ -1,10 +1,12 @@
-"""pie-build: a Python inferlet -> a WebAssembly component with its manifest.
+"""pie-build: an inferlet -> a WebAssembly component with its manifest.
 
-Steps: check the source statically (file:line errors, nothing executed),
-stage it with the SDK and a generated entry module in a scratch directory,
-run componentize-py against the contract (`wit/`, world `inferlet`), embed
-the manifest as the `pie-manifest` custom section, and cache the result by
-content hash: an unchanged rebuild only copies the cached component.
+A Python inferlet: check the source statically (file:line errors, nothing
+executed), stage it with the SDK and a generated entry module in a scratch
+directory, run componentize-py against the contract (`wit/`, world
+`inferlet`), embed the manifest as the `pie-manifest` custom section, and
+cache the result by content hash: an unchanged rebuild only copies the
+cached component. A JavaScript inferlet: `js_build.py`. A component built
+elsewhere (any language): embed the manifest given in a TOML or JSON file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .manifest import embed
+from .bundled import program_path
+from .manifest import ManifestError, embed, load_manifest_file
 from .source_check import GENERATED_MODULES, SourceInfo, check_source
 from .wit_spec import find_wit_dir
 
@@ -136,21 +139,78 @@ def _explain(detail: str, stage: Path) -> str:
 
 
 def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *,
-          cache_dir: Optional[Union[str, Path]] = None, quiet: bool = False,
-          use_cache: bool = True) -> Path:
+          manifest: Optional[Union[str, Path]] = None, cache_dir: Optional[Union[str, Path]] = None,
+          quiet: bool = False, use_cache: bool = True) -> Path:
     """Builds `source` into a component; returns the path written.
 
+    source: a Python inferlet (.py), a JavaScript one (.js, .mjs), or a
+      component built elsewhere (.wasm), which then needs `manifest`, a
+      TOML or JSON manifest file to embed.
     output: default `<manifest name>.wasm` in the current directory.
     cache_dir: default $PIE_HOME/build (~/.cache/pie/build).
     use_cache: False forces a rebuild (the result still refreshes the cache).
-    Raises SourceError (file:line) for a bad source and BuildError otherwise.
+    Raises SourceError (file:line) for a bad source, ManifestError for a bad
+    declaration or manifest file, and BuildError otherwise.
     """
     source = Path(source)
+    try:
+        source = program_path(source)
+    except FileNotFoundError as error:
+        raise BuildError(str(error)) from None
+    kind = source.suffix.lower()
+    if kind == ".wasm":
+        if manifest is None:
+            raise BuildError(f"{source.name} is a component: give its manifest with --manifest FILE.toml|.json")
+        return embed_manifest_file(source, manifest, output)
+    if manifest is not None:
+        raise BuildError(f"{source.name} declares its manifest in its source (declare(...)); "
+                         "--manifest is for components built elsewhere (.wasm)")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    if kind in (".js", ".mjs"):
+        from .js_build import ToolchainError, build_js
+
+        try:
+            cached, out = build_js(source, output, cache, quiet=quiet, use_cache=use_cache)
+        except (ToolchainError, RuntimeError) as error:
+            raise BuildError(str(error)) from None
+    else:
+        cached, out = _build_python(source, output, cache, quiet=quiet, use_cache=use_cache)
+    _place(cached, out)
+    return out
+
+
+def embed_manifest_file(component: Path, manifest_file: Union[str, Path],
+                        output: Optional[Union[str, Path]] = None) -> Path:
+    """A component built elsewhere with the manifest of `manifest_file` embedded; returns the path written."""
+    manifest = load_manifest_file(manifest_file)
+    try:
+        data = embed(component.read_bytes(), manifest)
+    except ManifestError as error:  # not a component
+        raise ManifestError(error.reason, filename=str(component)) from None
+    out = Path(output) if output is not None else Path.cwd() / f"{manifest.name}.wasm"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, out)
+    return out
+
+
+def _place(cached: Path, out: Path) -> None:
+    """Copies a cached build to `out` (atomically: a reader never sees half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != cached.resolve():
+        partial_out = out.with_name(f".{out.name}.partial")
+        shutil.copyfile(cached, partial_out)
+        os.replace(partial_out, out)
+
+
+def _build_python(source: Path, output: Optional[Union[str, Path]], cache: Path, *, quiet: bool,
+                  use_cache: bool) -> tuple[Path, Path]:
+    """Builds a Python inferlet into the cache; (cached component, output path)."""
     info = check_source(source)
     wit_dir = find_wit_dir()
     out = Path(output) if output is not None else Path.cwd() / f"{info.manifest.name}.wasm"
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     key = cache_key(info, wit_dir)
     cached = cache / f"{key}.wasm"
 
@@ -173,10 +233,4 @@ def build(source: Union[str, Path], output: Optional[Union[str, Path]] = None, *
         }, indent=1), encoding="utf-8")
     elif not quiet:
         print(f"pie-build: {source} unchanged, using the cached build", file=sys.stderr)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.resolve() != cached.resolve():
-        partial_out = out.with_name(f".{out.name}.partial")
-        shutil.copyfile(cached, partial_out)
-        os.replace(partial_out, out)
-    return out
+    return cached, out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -262,6 +263,45 @@ def read_manifest_bytes(component: bytes) -> Manifest:
         if name == SECTION_NAME:
             return Manifest.from_json(component[payload:end])
     raise ManifestError(f"the component has no {SECTION_NAME!r} section (not built by pie-build?)")
+
+
+def load_manifest_file(path: Union[str, Path]) -> Manifest:
+    """A manifest written by hand for a component built elsewhere: a TOML or
+    JSON file with the embedded manifest's fields (docs/writing-inferlets.md):
+
+        name = "my-inferlet"            # required: lowercase words joined by '-'
+        version = "0.1.0"               # semantic version (default 0.1.0)
+        description = "What it does."
+        capabilities = ["launch"]       # from CAPABILITIES (default none)
+
+        [[arguments]]                   # one table per argument, in order
+        name = "prompt"                 # --prompt
+        type = "str"                    # str, int, float or bool (default str)
+        default = "Hello"               # optional; or `required = true`
+        help = "Text to complete."
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ManifestError("a manifest file is .toml or .json", filename=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"cannot read the manifest file: {error}", filename=str(path)) from None
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ManifestError(f"not valid TOML: {error}", filename=str(path)) from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ManifestError(f"not valid JSON: {error}", filename=str(path), line=getattr(error, "lineno", None)) from None
+    try:
+        return Manifest.from_dict(data)
+    except ManifestError as error:
+        raise ManifestError(error.reason, filename=str(path)) from None
 
 
 def read_manifest(wasm_path: Union[str, Path]) -> Manifest:

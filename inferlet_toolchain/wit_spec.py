@@ -31,6 +31,17 @@ def find_wit_dir() -> Path:
     )
 
 
+def package_version(wit_dir: "Path | None" = None) -> str:
+    """The contract's version: X.Y.Z of `package pie:inferlet@X.Y.Z;`."""
+    directory = wit_dir or find_wit_dir()
+    for path in sorted(Path(directory).glob("*.wit")):
+        found = re.search(r"^\s*package\s+pie:inferlet@([0-9][\w.\-+]*)\s*;",
+                          _strip_comments(path.read_text(encoding="utf-8")), flags=re.M)
+        if found:
+            return found.group(1)
+    raise ValueError(f"no `package pie:inferlet@VERSION;` in {directory}")
+
+
 def _strip_comments(text: str) -> str:
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
     return re.sub(r"//[^\n]*", " ", text)

@@ -2,11 +2,11 @@
 
     pie-run PROGRAM [options] [-- INFERLET-ARGS...]
 
-PROGRAM is a built component (.wasm) or an inferlet source (.py, built on the
-fly with pie-build). What the inferlet sends goes to stdout, one message per
-line; lines typed on stdin are what it receives; its return value is printed
-last. Logs, progress and the run summary go to stderr, so stdout stays clean
-for pipes.
+PROGRAM is a built component (.wasm), an inferlet source (.py or .js, built
+on the fly with pie-build), or the name of a bundled sample (text_completion).
+What the inferlet sends goes to stdout, one message per line; lines typed on
+stdin are what it receives; its return value is printed last. Logs, progress
+and the run summary go to stderr, so stdout stays clean for pipes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ capabilities:
 child instances:
   An inferlet that declares the "launch" capability may start children of
   itself, or of a program registered with --program NAME=PATH (repeatable;
-  .wasm or .py like PROGRAM), by NAME. Children are terminated when their
+  .wasm, .py or .js like PROGRAM), by NAME. Children are terminated when their
   parent ends; what they send is printed prefixed with "[CHILD-ID] ".
 
 exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, built on the fly)")
+    p.add_argument("program", help="inferlet component (.wasm), inferlet source (.py, .js: built on the fly), "
+                                   "or a bundled sample's name (e.g. text_completion)")
     p.add_argument("--instances", type=positive_int, default=1, metavar="N",
                    help="run N copies concurrently and print a summary (default 1)")
     p.add_argument("--namespace", default="default",
@@ -111,9 +112,10 @@ class _Console:
 
 
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"no such program: {path}")
-    if path.suffix == ".py":
+    from inferlet_toolchain.bundled import program_path
+
+    path = program_path(path, "program")
+    if path.suffix in (".py", ".js", ".mjs"):
         from inferlet_toolchain.build import build
 
         console.log(f"pie-run: building {path} ...")
@@ -160,7 +162,8 @@ def _read_manifest(wasm: Path, console: _Console) -> Any | None:
     try:
         return read_manifest(wasm)
     except ManifestError as e:
-        console.log(f"pie-run: {wasm.name}: {e}; arguments are passed through unchecked")
+        console.log(f"pie-run: {wasm.name}: {e}; arguments are passed through unchecked "
+                    f"(embed a manifest with `pie-build {wasm.name} --manifest FILE.toml`)")
         return None
 
 
@@ -229,6 +232,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
+    from pie_runtime.component_imports import check_imports
+    from pie_runtime.errors import PieError
     from pie_runtime.instance import Instance
     from pie_runtime.messaging import ClientChannel
     from pie_runtime.options import instance_limits, load_engine, start_runtime
@@ -239,6 +244,12 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     console.log(f"pie-run: component {wasm.name} {cache.stats.last_source} in {cache.stats.last_seconds * 1000:.0f} ms")
     registered = [Program(name, cache.load(path), program_manifest, program_grant)
                   for name, path, program_manifest, program_grant in programs]
+    for name, loaded_component in [(wasm.name, component), *((p.name, p.component) for p in registered)]:
+        try:
+            check_imports(loaded_component, cache.engine)
+        except PieError as e:
+            console.error(f"pie-run: {name}: {e.message}")
+            return EXIT_USAGE
     try:
         loaded, engine = load_engine(args, console.log, "pie-run")
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop

@@ -30,7 +30,7 @@ class ForwardCmd:
     last_page_len: int
     mask: np.ndarray | None
     outputs: tuple[OutputRequest, ...]
-    # The first token is the one the queue's previous forward drew (forward-next).
+    # The first token is the one the queue's previous forward drew (feed-previous).
     feeds_previous: bool = False
     future: Future = field(default_factory=Future)
 
@@ -87,7 +87,7 @@ class CommandQueue:
         # reported by the next command on this queue that has a future.
         self.deferred_error: PieError | None = None
         # The token the last forward that ran on this queue drew (its last
-        # sample output); None if it drew none or failed. Feeds forward-next.
+        # sample output); None if it drew none or failed. Feeds feed-previous.
         self.last_drawn: int | None = None
 
     def push(self, cmd: Command) -> None:

@@ -43,9 +43,11 @@ from wasmtime import WasmtimeError
 from wasmtime import _bindings, _ffi as ffi
 from wasmtime.component import Component
 
+from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host, InstanceContext, Program, bind_context, make_wasi
+from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
+                                   make_wasi)
 
 log = logging.getLogger("pie_runtime.instance")
 
@@ -62,7 +64,6 @@ MAX_LAUNCH_DEPTH = 4  # levels of children below a client-launched instance
 # How long an ending parent waits for its terminated children to finish their teardown.
 CHILD_STOP_SECONDS = 30.0
 
-RUN_INTERFACE = "pie:inferlet/run@0.1.0"
 
 # wasmtime-py binds the C function but does not wrap it; its ctypes signature
 # gives the callback types.
@@ -235,7 +236,11 @@ class Instance:
             wasi, sinks = make_wasi(ctx, self.grant, self.program_name)
             store.set_wasi(wasi)
             self._install_deadline(store)
-            instance = self.host.linker.instantiate(store, self.component)
+            try:
+                instance = self.host.linker.instantiate(store, self.component)
+            except WasmtimeError:
+                check_imports(self.component, self.host.wasm_engine)  # names what the host lacks
+                raise
             started = True
             run = _run_function(instance, store)
             result = run(store)

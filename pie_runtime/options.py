@@ -55,7 +55,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "so their own work overlaps the engine's: auto = on an accelerator, off on a CPU, "
                         "where it would compete with the step for the cores (default auto)")
     g.add_argument("--decode-run", type=positive_int, default=None, metavar="N",
-                   help="tell inferlets to draw N tokens per call (forward-run): their per-call work "
+                   help="tell inferlets to draw N tokens per forward call (a decode run): their per-call work "
                         "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
                         f"token (default {DEFAULT_DECODE_RUN})")
     g.add_argument("--allow", default="", metavar="CAPS",
@@ -65,7 +65,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit", type=positive_int, default=1024, metavar="MB",
                    help="linear memory limit per instance in MiB (default 1024)")
     g.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
-                   help="register another program (.wasm or .py) that instances may launch by NAME (repeatable)")
+                   help="register another program (.wasm, .py or .js) that instances may launch by NAME (repeatable)")
 
 
 def instance_limits(opts: argparse.Namespace) -> Any:

@@ -31,8 +31,8 @@ from typing import Sequence
 
 POLICIES = ("adaptive", "greedy", "eager", "fixed-size", "fixed-timeout")
 
-# Tokens a plain decode loop draws per `queue.forward-run` call (model-info
-# `decode-run`) unless the operator says otherwise (`pie-run --decode-run`).
+# Tokens a plain decode loop draws per `queue.forward` call (the `decode-run`
+# of `runtime.scheduling`) unless the operator says otherwise (`pie-run --decode-run`).
 # Why 8: benchmarks/RESULTS.md, inferlet_overhead.py.
 DEFAULT_DECODE_RUN = 8
 

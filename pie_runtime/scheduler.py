@@ -366,7 +366,7 @@ class Scheduler:
             drawn, queue.last_drawn = queue.last_drawn, None
             if drawn is None:
                 self._fail(cmd, PieError.invalid(
-                    "forward-next: the previous forward on this queue drew no token (or failed)"), queue)
+                    "feed-previous: the previous forward on this queue drew no token (or failed)"), queue)
                 return None
             tokens = (drawn,) + tokens[1:]
         try:
@@ -431,7 +431,7 @@ class Scheduler:
         self.stats.batch_tokens[sum(len(p.request.tokens) for p in batch)] += 1
         for prepared, (result, error) in zip(batch, outcome):
             queue = self.queues.get(prepared.queue_id)
-            if queue is not None:  # what a forward-next queued behind this one will be fed
+            if queue is not None:  # what a feed-previous pass queued behind this one will be fed
                 queue.last_drawn = _last_drawn(prepared.request, result) if error is None else None
             if error is not None:
                 self.stats.forwards_failed += 1

@@ -56,12 +56,16 @@ from pie_runtime.messaging import Broker, ClientChannel, Subscription
 log = logging.getLogger("pie_runtime.host")
 
 WIT_PACKAGE = "pie:inferlet"
-WIT_VERSION = "0.1.0"
+WIT_VERSION = "0.2.0"
 SERVER_VERSION = "0.1.0"
 
 
 def _iface(name: str) -> str:
     return f"{WIT_PACKAGE}/{name}@{WIT_VERSION}"
+
+
+# The interface every inferlet exports.
+RUN_INTERFACE = _iface("run")
 
 
 class Kind(enum.IntEnum):
@@ -134,10 +138,10 @@ class ServedModel:
     name: str
     engine: Any  # engine_jax.engine.Engine
     core: Any  # pie_runtime.serving.ServingCore
-    # model-info's queue-ahead hint; None = on when the engine runs on an accelerator.
+    # runtime.scheduling's queue-ahead hint; None = on when the engine runs on an accelerator.
     queue_ahead: bool | None = None
 
-    # model-info's decode-run hint: tokens per `forward-run` call; None = DEFAULT_DECODE_RUN.
+    # runtime.scheduling's decode-run hint: tokens per `forward` call; None = DEFAULT_DECODE_RUN.
     decode_run: int | None = None
 
     @property
@@ -618,6 +622,14 @@ def _runtime_launch(ctx, store, program, arguments):
     return _own(ctx, Kind.FUTURE_STRING, HostFuture(ctx.launcher(program, list(arguments))))
 
 
+def _runtime_scheduling(ctx, store, model):
+    served = _borrowed(ctx, store, model, Kind.MODEL).served
+    hints = Record()
+    setattr(hints, "decode-run", served.decode_run_length)
+    setattr(hints, "queue-ahead", served.decodes_one_ahead)
+    return hints
+
+
 def _runtime_poll(ctx, store, handles, timeout_ms):
     futures = _pollable_futures(ctx, store, handles)
     timeout = None if timeout_ms is None else timeout_ms / 1000.0
@@ -633,7 +645,18 @@ def _runtime_poll(ctx, store, handles, timeout_ms):
 
 
 # ---- messaging
+# Bounds on what one call may hand the host (as the key-value store bounds its entries).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_TOPIC_BYTES = 4096
+
+
+def _check_size(what: str, text: str, limit: int) -> None:
+    if len(text) > limit // 4 and len(text.encode("utf-8")) > limit:
+        raise PieError.invalid(f"{what} is longer than {limit} bytes")
+
+
 def _messaging_send(ctx, store, message):
+    _check_size("message", message, MAX_MESSAGE_BYTES)
     ctx.client.send(message)
 
 
@@ -642,10 +665,13 @@ def _messaging_receive(ctx, store):
 
 
 def _messaging_broadcast(ctx, store, topic, message):
+    _check_size("topic", topic, MAX_TOPIC_BYTES)
+    _check_size("message", message, MAX_MESSAGE_BYTES)
     ctx.host.broker.broadcast(topic, message)
 
 
 def _messaging_subscribe(ctx, store, topic):
+    _check_size("topic", topic, MAX_TOPIC_BYTES)
     sub = ctx.host.broker.subscribe(topic)
     ctx.subscriptions.add(sub)
     return _own(ctx, Kind.SUBSCRIPTION, sub)
@@ -725,8 +751,6 @@ def _model_info(ctx, store, this):
         ("eos-tokens", [int(t) for t in eos]),
         ("bos-token", None if bos is None else int(bos)),
         ("chat-template", tok.chat_template or ""),
-        ("queue-ahead", served.decodes_one_ahead),
-        ("decode-run", served.decode_run_length),
     ):
         setattr(info, name, value)
     return info
@@ -837,39 +861,22 @@ def _outputs_converter(outputs: Sequence[Any]) -> Callable[[Sequence[Any]], list
     return convert
 
 
-def _submit_forward(ctx: InstanceContext, store: Any, this: Any, request: Any,
-                    feeds_previous: bool = False) -> HostFuture:
-    """Translates a WIT forward-request and enqueues it; returns its future."""
-    handle = _queue(ctx, store, this)
-    tokens, positions, pages, last_page_len, mask, outputs = _forward_args(handle.served, request)
-    future = handle.queue.forward(tokens, positions, pages, last_page_len, mask, outputs,
-                                  feeds_previous=feeds_previous)
-    return HostFuture(future, convert=_outputs_converter(outputs))
-
-
-def _queue_forward(ctx, store, this, request):
-    return _own(ctx, Kind.FORWARD_FUTURE, _submit_forward(ctx, store, this, request))
-
-
-def _queue_forward_next(ctx, store, this, request):
-    return _own(ctx, Kind.FORWARD_FUTURE, _submit_forward(ctx, store, this, request, feeds_previous=True))
-
-
-def _queue_forward_wait(ctx, store, this, request):
-    return _future_result(ctx, _submit_forward(ctx, store, this, request))
-
-
-def _queue_forward_run(ctx, store, this, request, draws, after_previous):
+def _queue_forward(ctx, store, this, request, options):
+    """Enqueues one pass, or a decode run when `options.draws` is not empty."""
     handle = _queue(ctx, store, this)
     served = handle.served
     tokens, positions, pages, last_page_len, mask, outputs = _forward_args(served, request)
-    if mask is not None:
-        raise PieError.invalid("a decode run attends causally: its request takes no mask (use forward)")
-    samples = [_sample(d, served.vocab_size) for d in draws]
-    future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, samples,
-                                      feeds_previous=bool(after_previous))
-    return _own(ctx, Kind.FORWARD_FUTURE,
-                HostFuture(future, convert=_outputs_converter(outputs + samples)))
+    feed_previous = bool(getattr(options, "feed-previous"))
+    draws = [_sample(d, served.vocab_size) for d in options.draws]
+    if draws:
+        if mask is not None:
+            raise PieError.invalid("a decode run attends causally: a request with draws takes no mask")
+        future = handle.queue.forward_run(tokens, positions, pages, last_page_len, outputs, draws,
+                                          feeds_previous=feed_previous)
+    else:
+        future = handle.queue.forward(tokens, positions, pages, last_page_len, mask, outputs,
+                                      feeds_previous=feed_previous)
+    return _own(ctx, Kind.FORWARD_FUTURE, HostFuture(future, convert=_outputs_converter(outputs + draws)))
 
 
 def _forward_future_get(ctx, store, this):
@@ -945,15 +952,16 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("models", _runtime_models, False),
             ("poll", _runtime_poll, False),
             ("launch", _runtime_launch, True),
+            ("scheduling", _runtime_scheduling, False),
         ),
     ),
     "messaging": (
         (("subscription", Kind.SUBSCRIPTION),),
         (
-            ("send", _messaging_send, False),
+            ("send", _messaging_send, True),
             ("receive", _messaging_receive, False),
-            ("broadcast", _messaging_broadcast, False),
-            ("subscribe", _messaging_subscribe, False),
+            ("broadcast", _messaging_broadcast, True),
+            ("subscribe", _messaging_subscribe, True),
             ("[method]subscription.next", _subscription_next, False),
         ),
     ),
@@ -961,7 +969,7 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
         (),
         (
             ("get", _kv_get, False),
-            ("set", _kv_set, False),
+            ("set", _kv_set, True),
             ("delete", _kv_delete, False),
             ("list-keys", _kv_list_keys, False),
         ),
@@ -982,9 +990,6 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]queue.import-pages", _queue_import_pages, True),
             ("[method]queue.list-exports", _queue_list_exports, False),
             ("[method]queue.forward", _queue_forward, True),
-            ("[method]queue.forward-wait", _queue_forward_wait, True),
-            ("[method]queue.forward-next", _queue_forward_next, True),
-            ("[method]queue.forward-run", _queue_forward_run, True),
         ),
     ),
     "model": (
@@ -998,12 +1003,17 @@ _BINDINGS: dict[str, tuple[tuple[tuple[str, Kind], ...], tuple[tuple[str, Callab
             ("[method]model.info", _model_info, False),
             ("[method]model.tokenizer", _model_tokenizer, False),
             ("[method]model.apply-chat-template", _model_apply_chat_template, True),
-            ("[method]model.create-queue", _model_create_queue, False),
+            ("[method]model.create-queue", _model_create_queue, True),
         ),
     ),
     # Grammar matchers for constrained decoding (pie_runtime/grammar.py).
     "grammar": grammar.host_bindings(_own, _borrowed, Kind.MODEL, Kind.MATCHER),
 }
+
+
+def provided_interfaces() -> list[str]:
+    """The `pie:inferlet` interfaces this host implements (a component may import these)."""
+    return list(_BINDINGS)
 
 
 def bound_function_names() -> list[str]:

@@ -32,8 +32,8 @@ from .loop import wait
 from .model import Message, Model, call, get_model, to_chat_message
 from .sampling import Sampler, Stop
 
-# A step of work: yields host futures (or `_Forward` passes), receives their
-# results, returns a value.
+# A step of work: yields host futures, receives their results (the driver
+# waits and drops each), returns a value.
 Steps = Generator[Any, Any, Any]
 
 _EXPORT_META_PREFIX = "pie.context/"
@@ -88,16 +88,12 @@ class _QueuedRun:
         self.first_draw_slot = first_draw_slot
 
 
-class _Forward:
-    """A forward pass a step wants run: the driver decides how. The blocking
-    driver makes one `forward-wait` call; the async one issues `forward` and
-    awaits its future, so other tasks' passes can join the same batch."""
-
-    __slots__ = ("queue", "request")
-
-    def __init__(self, queue: "raw.Queue", request: "raw.ForwardRequest") -> None:
-        self.queue = queue
-        self.request = request
+def _forward(queue: "raw.Queue", request: "raw.ForwardRequest",
+             options: Optional["raw.ForwardOptions"] = None) -> Any:
+    """Enqueues a pass (or a decode run, with `options.draws`); returns its future."""
+    if options is None:
+        options = raw.ForwardOptions(feed_previous=False, draws=[])
+    return call(queue.forward, request, options)
 
 
 def _drop(handle: Any) -> None:
@@ -123,19 +119,13 @@ def _sample_request(sampler: Sampler, index: int, step: int) -> "raw.OutputReque
     return raw.OutputRequestSample(_sample_spec(sampler, index, step))
 
 
-def _run_blocking(item: Any) -> Any:
-    if isinstance(item, _Forward):
-        return call(item.queue.forward_wait, item.request)
-    return _get(item)
-
-
 def _drive(steps: Steps) -> Any:
     """Runs a step generator synchronously, blocking on each host future."""
     try:
         item = next(steps)
         while True:
             try:
-                result = _run_blocking(item)
+                result = _get(item)
             except BaseException:
                 steps.close()  # its cleanup (queued passes) runs now
                 raise
@@ -150,13 +140,12 @@ async def _drive_async(steps: Steps) -> Any:
         item = next(steps)
         while True:
             try:
-                future = call(item.queue.forward, item.request) if isinstance(item, _Forward) else item
                 try:
-                    result = await wait(future)
+                    result = await wait(item)
                 except raw.Err as err:
                     raise InferletError.from_wit(err.value) from None
                 finally:
-                    _drop(future)
+                    _drop(item)
             except BaseException:
                 steps.close()  # its cleanup (queued passes) runs now
                 raise
@@ -299,7 +288,7 @@ class Context:
                        mask: Optional[Sequence[Sequence[int]]]) -> Steps:
         tokens, self.pending = self.pending, []
         request = self._request(tokens, list(outputs), positions, mask)
-        result = yield _Forward(self.queue, request)
+        result = yield _forward(self.queue, request)
         return list(result)
 
     def forward(self, outputs: Sequence["raw.OutputRequest"] = (), *,
@@ -358,10 +347,11 @@ class Context:
             raise ValueError("generate() takes a grammar or a drafter, not both")
         stop = stop.bind(self.model.eos_tokens)
         if drafter is None and grammar is None:
-            run = self.model.info.decode_run if run_length is None else run_length
+            hints = self.model.scheduling()
+            run = hints.decode_run if run_length is None else run_length
             if run < 1:
                 raise ValueError(f"run_length must be >= 1, got {run}")
-            ahead = self.model.info.queue_ahead
+            ahead = hints.queue_ahead
             if run > 1 or ahead:
                 return (yield from self._run_steps(sampler, stop, on_token, run, ahead))
         matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
@@ -420,13 +410,13 @@ class Context:
         request.tokens = tokens
         request.positions = request.positions[:len(tokens)]
         draws = [_sample_spec(sampler, 0, step + i) for i in range(1, length)]
-        future = call(self.queue.forward_run, request, draws, after_previous)
+        future = _forward(self.queue, request, raw.ForwardOptions(feed_previous=after_previous, draws=draws))
         return _QueuedRun(future, length, len(self.tokens) - (length - 1))
 
     def _run_steps(self, sampler: Sampler, stop: Stop, on_token: Optional[Callable[[int], None]],
                    run: int, ahead: bool) -> Steps:
-        """generate() without a drafter or grammar, `run` tokens per call
-        (`forward-run`): the pending tokens, then passes each fed the token
+        """generate() without a drafter or grammar, `run` tokens per
+        `forward` call (a decode run): the pending tokens, then passes each fed the token
         the one before drew. With `ahead`, each run is queued before the one
         before it has run (fed its last token), so the engine goes from run
         to run without waiting for this inferlet, which looks at a run's
@@ -505,10 +495,10 @@ class Context:
 
         Each step is one forward pass of the newest token with a sample
         request at its index. The passes go to the server `run_length` at a
-        time (default: model info `decode_run`; 1 = one call per token):
+        time (default: the server's `decode_run` hint; 1 = one call per token):
         `on_token` then sees the tokens in bursts, and the passes of a run
         past a stop token are rolled back. When the server asks for it
-        (model info `queue_ahead`: on accelerators), each run is queued
+        (the `queue_ahead` hint: on accelerators), each run is queued
         before the last token of the one before it is known, so the engine
         never waits for this inferlet between runs. With a `drafter`, each pass also verifies the
         drafter's proposed tokens (speculative decoding). With a `grammar`
@@ -648,7 +638,7 @@ class Context:
         _drive(self._flush_steps(keep_last=False))
         call(self.queue.export_pages, name, list(self.pages), self.last_page_len, persistent)
         _refs.mark_foreign(self.pages)
-        raw.kvstore.set(_EXPORT_META_PREFIX + name, json.dumps(
+        call(raw.kvstore.set, _EXPORT_META_PREFIX + name, json.dumps(
             {"tokens": self.tokens, "positions": self.positions, "next_position": self.next_position}))
 
     def unexport(self, name: str) -> None:

@@ -45,7 +45,7 @@ async def launch_async(arguments: Sequence[str] = (), program: str = "") -> str:
 
 def send(message: str) -> None:
     """Sends a message to the client that launched this instance."""
-    raw.messaging.send(message)
+    call(raw.messaging.send, message)
 
 
 def _take(future: Any) -> str:
@@ -75,7 +75,7 @@ async def receive_async() -> str:
 
 def broadcast(topic: str, message: str) -> None:
     """Sends `message` to every current subscriber of `topic`."""
-    raw.messaging.broadcast(topic, message)
+    call(raw.messaging.broadcast, topic, message)
 
 
 class Subscription:
@@ -83,7 +83,7 @@ class Subscription:
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.raw = raw.messaging.subscribe(topic)
+        self.raw = call(raw.messaging.subscribe, topic)
 
     def next(self) -> str:
         return _take(self.raw.next())
@@ -114,7 +114,8 @@ class store:
 
     @staticmethod
     def set(key: str, value: str) -> None:
-        raw.kvstore.set(key, value)
+        """InferletError when the server refuses it (too large, or the store is full)."""
+        call(raw.kvstore.set, key, value)
 
     @staticmethod
     def delete(key: str) -> bool:

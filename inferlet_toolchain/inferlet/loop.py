@@ -10,9 +10,7 @@ passes wait together and the server can batch them.
 Pure Python: the poll function is injected (the SDK passes
 `runtime.poll`; tests pass a fake), and host futures are duck-typed
 (`pollable()` with `ready()`, and `get()`). Each poll round takes fresh
-pollables from the pending futures and passes them to `poll` as a list of
-owned handles (wasmtime-py 50 cannot lift more than one borrowed handle
-per host call).
+pollables from the pending futures: `poll` consumes the ones it is given.
 """
 
 from __future__ import annotations

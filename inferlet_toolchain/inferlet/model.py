@@ -88,7 +88,12 @@ class Model:
 
     def create_queue(self, priority: int = 0) -> "raw.Queue":
         """A new command queue; commands on one queue run in order."""
-        return self.raw.create_queue(priority)
+        return call(self.raw.create_queue, priority)
+
+    def scheduling(self) -> "raw.SchedulingHints":
+        """How the server would like decode loops to hand it work now
+        (`decode_run`, `queue_ahead`); asked afresh by each generation."""
+        return raw.runtime.scheduling(self.raw)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"

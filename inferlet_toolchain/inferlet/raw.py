@@ -22,6 +22,9 @@ Pollable = types.Pollable
 FutureUnit = types.FutureUnit
 FutureString = types.FutureString
 
+# runtime
+SchedulingHints = runtime.SchedulingHints
+
 # model
 ModelInfo = model.ModelInfo
 ChatMessage = model.ChatMessage
@@ -35,6 +38,7 @@ Subscription = messaging.Subscription
 Queue = inference.Queue
 ForwardFuture = inference.ForwardFuture
 ForwardRequest = inference.ForwardRequest
+ForwardOptions = inference.ForwardOptions
 SampleSpec = inference.SampleSpec
 DistributionSpec = inference.DistributionSpec
 LogprobsSpec = inference.LogprobsSpec
@@ -65,6 +69,7 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("runtime", None, "models"): runtime.models,
     ("runtime", None, "poll"): runtime.poll,
     ("runtime", None, "launch"): runtime.launch,
+    ("runtime", None, "scheduling"): runtime.scheduling,
     ("messaging", None, "send"): messaging.send,
     ("messaging", None, "receive"): messaging.receive,
     ("messaging", None, "broadcast"): messaging.broadcast,
@@ -96,9 +101,6 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
     ("inference", "queue", "import-pages"): Queue.import_pages,
     ("inference", "queue", "list-exports"): Queue.list_exports,
     ("inference", "queue", "forward"): Queue.forward,
-    ("inference", "queue", "forward-wait"): Queue.forward_wait,
-    ("inference", "queue", "forward-next"): Queue.forward_next,
-    ("inference", "queue", "forward-run"): Queue.forward_run,
     ("grammar", "matcher", "from-json-schema"): Matcher.from_json_schema,
     ("grammar", "matcher", "from-regex"): Matcher.from_regex,
     ("grammar", "matcher", "from-ebnf"): Matcher.from_ebnf,
@@ -112,8 +114,9 @@ BINDINGS: dict[tuple[str, str | None, str], object] = {
 
 __all__ = [
     "Err", "Ok", "Some", "grammar", "inference", "kvstore", "messaging", "model", "runtime", "types",
-    "Error", "ErrorCode", "Pollable", "FutureUnit", "FutureString", "ModelInfo", "ChatMessage",
-    "Tokenizer", "Model", "Subscription", "Queue", "ForwardFuture", "ForwardRequest",
+    "Error", "ErrorCode", "Pollable", "FutureUnit", "FutureString", "SchedulingHints", "ModelInfo",
+    "ChatMessage", "Tokenizer", "Model", "Subscription", "Queue", "ForwardFuture", "ForwardRequest",
+    "ForwardOptions",
     "SampleSpec", "DistributionSpec", "LogprobsSpec", "OutputRequest", "OutputRequestSample",
     "OutputRequestDistribution", "OutputRequestLogprobs", "Output", "OutputToken",
     "OutputDistribution", "OutputLogprobs", "Matcher", "BINDINGS",

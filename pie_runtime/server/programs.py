@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pie_client.protocol import ProtocolError
+from pie_runtime.component_imports import check_imports
+from pie_runtime.errors import PieError
 from pie_runtime.wasm_host import Capabilities, Program
 
 log = logging.getLogger("pie_runtime.server")
@@ -164,6 +166,10 @@ class ProgramStore:
             component = self.cache.load(data)
         except Exception as e:  # noqa: BLE001 - wasmtime's message says what is wrong with the bytes
             raise ProtocolError("compile-failed", f"not a component this server can run: {e}") from None
+        try:
+            check_imports(component, self.cache.engine)
+        except PieError as e:
+            raise ProtocolError("compile-failed", e.message) from None
         manifest, manifest_error = None, None
         try:
             manifest = read_manifest_bytes(data)
@@ -176,17 +182,26 @@ class ProgramStore:
 
 
 def load_program_file(name: str, path: Path, allow: Capabilities) -> StoredProgram:
-    """A program from a .wasm file or an inferlet source (.py, built with pie-build; both cached)."""
+    """A program from a .wasm file, an inferlet source (.py, .js: built with pie-build; both
+    cached) or a bundled sample's name."""
+    from inferlet_toolchain.bundled import program_path
     from inferlet_toolchain.manifest import ManifestError, read_manifest
     from pie_runtime.component_cache import default_cache, pie_home
 
-    if not path.is_file():
-        raise ValueError(f"program {name!r}: no such file {path}")
-    if path.suffix == ".py":
+    try:
+        path = program_path(path, f"program {name!r}")
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if path.suffix in (".py", ".js", ".mjs"):
         from inferlet_toolchain.build import build
 
         path = Path(build(path, output=pie_home() / "server-programs" / f"{name}.wasm", quiet=True))
-    component = default_cache().load(path)
+    cache = default_cache()
+    component = cache.load(path)
+    try:
+        check_imports(component, cache.engine)
+    except PieError as e:
+        raise ValueError(f"program {name!r}: {e.message}") from None
     try:
         manifest, error = read_manifest(path), None
     except ManifestError as e:

@@ -112,13 +112,24 @@ def test_model_info_and_tokenizer_match_the_engine(host, probe, engine):
     assert {int(i): bytes.fromhex(h) for i, h in r["vocab_hex"].items()} == {int(i): vocab[int(i)] for i in r["vocab_hex"]}
     assert {t: i for t, i in r["special"]} == tok.special_tokens()
     assert r["chat"] == tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    served = host.model("tiny")
+    assert r["scheduling"] == {"decode_run": served.decode_run_length, "queue_ahead": served.decodes_one_ahead}
 
 
-@pytest.mark.parametrize("how", ["future", "wait", "next", "run5"])
+def test_scheduling_hints_follow_the_server_while_it_runs(engine, core, probe):
+    """runtime.scheduling reads the server's settings at each call: an operator
+    change reaches the next generation, not only instances launched after it."""
+    host = Host([ServedModel("tiny", engine, core, queue_ahead=True, decode_run=3)], guest_output=lambda *a: None)
+    assert _ok_json(run(host, probe, "info"))["scheduling"] == {"decode_run": 3, "queue_ahead": True}
+    host.model("tiny").queue_ahead, host.model("tiny").decode_run = False, 1
+    assert _ok_json(run(host, probe, "info"))["scheduling"] == {"decode_run": 1, "queue_ahead": False}
+
+
+@pytest.mark.parametrize("how", ["single", "next", "run5"])
 def test_raw_prefill_decode_loop_equals_engine_greedy(host, probe, engine, core, tiny_llama_model, how):
-    """Every way of running a pass (`forward` + `get`, `forward-wait`, each
-    pass queued one ahead with `forward-next`, and runs of 5 passes per
-    `forward-run` call, across page boundaries) gives the engine's tokens."""
+    """Every way of running a pass (`forward` + `get` per token, each pass
+    queued one ahead with `feed-previous`, and runs of 5 passes per
+    `forward` call with `draws`, across page boundaries) gives the engine's tokens."""
     prompt = "The quick brown fox"
     r = _ok_json(run(host, probe, "generate", prompt, "12", how))
     expected = engine_greedy(tiny_llama_model, engine.tokenizer.encode(prompt), 12)
@@ -145,9 +156,7 @@ def test_bad_arguments_are_errors_for_the_guest_and_the_host_keeps_serving(host,
         "forward_mask_sum": "invalid-argument",
         "sample_allowed_sum": "invalid-argument",
         "output_index": "invalid-argument",
-        "forward_wait_unknown_page": "not-found",
-        "forward_wait_bad_token": "invalid-argument",
-        "forward_wait_output_index": "invalid-argument",
+        "forward_feed_previous_first": "invalid-argument",
         "forward_run_mask": "invalid-argument",
         "forward_run_no_sample": "invalid-argument",
         "forward_run_draw_index": "invalid-argument",
@@ -158,6 +167,11 @@ def test_bad_arguments_are_errors_for_the_guest_and_the_host_keeps_serving(host,
         "import_unknown": "not-found",
         "unexport_unknown": "not-found",
         "allocate_too_many": "out-of-memory",
+        # Key-value and messaging calls report bad input as error results (no trap).
+        "kv_set_long_key": "invalid-argument",
+        "send_too_large": "invalid-argument",
+        "broadcast_long_topic": "invalid-argument",
+        "subscribe_long_topic": "invalid-argument",
         "still_serving": "ok",
         # `allowed` let only token 5 through (BRLE [5, 1, rest]).
         "allowed_token": 5,

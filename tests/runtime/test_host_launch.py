@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import wasmtime
 
 from pie_runtime.component_cache import ComponentCache, cache_key
@@ -70,3 +73,51 @@ def test_concurrent_launches_all_run_with_their_own_identity():
     assert [o.value for o in outcomes] == [i.instance_id for i in instances]
     assert len({o.value for o in outcomes}) == 16
     assert all(i.first_host_call_at is not None and i.first_host_call_at >= i.launched_at for i in instances)
+
+
+def _tiny(export: str) -> bytes:
+    return bytes(wasmtime.wat2wasm(f'(component (core module $m (func (export "{export}"))))'))
+
+
+def test_a_new_manifest_reuses_the_compiled_code(tmp_path):
+    """Equal code, different manifests (pie-build --manifest again): one artifact, one compile."""
+    from inferlet_toolchain.manifest import Manifest, embed, read_manifest_bytes
+
+    first = embed(TINY, Manifest(name="first"))
+    second = embed(TINY, Manifest(name="second", description="re-declared"))
+    assert first != second and read_manifest_bytes(second).name == "second"
+    assert cache_key(first) == cache_key(second) == cache_key(TINY)
+    ComponentCache(tmp_path).load(first)
+    cache = ComponentCache(tmp_path)
+    cache.load(second)
+    assert cache.stats.last_source == "deserialized" and cache.stats.compiled == 0
+    assert len(list(tmp_path.glob("*.cwasm"))) == 1
+
+
+def test_the_directory_keeps_within_its_bound_dropping_the_least_recently_used(tmp_path):
+    a, b, c = _tiny("a"), _tiny("b"), _tiny("c")
+    filler = ComponentCache(tmp_path)
+    filler.load(a)
+    filler.load(b)
+    path = {name: tmp_path / f"{cache_key(w)}.cwasm" for name, w in (("a", a), ("b", b), ("c", c))}
+    now = time.time()
+    os.utime(path["a"], (now - 100, now - 100))
+    os.utime(path["b"], (now - 50, now - 50))
+    bound = path["a"].stat().st_size + path["b"].stat().st_size + 64
+    cache = ComponentCache(tmp_path, max_bytes=bound)
+    cache.load(a)  # a deserialized: now the most recently used
+    assert cache.stats.last_source == "deserialized"
+    cache.load(c)  # compiled: over the bound, so b (least recently used) goes
+    assert path["a"].is_file() and path["c"].is_file() and not path["b"].exists()
+    assert cache.stats.evicted == 1
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.cwasm")) <= bound
+
+
+def test_the_in_memory_table_is_bounded(tmp_path):
+    cache = ComponentCache(tmp_path, max_in_memory=1)
+    cache.load(TINY)
+    cache.load(_tiny("other"))
+    cache.load(TINY)  # pushed out of the table by the other one: read from disk again
+    assert cache.stats.last_source == "deserialized"
+    cache.load(TINY)
+    assert cache.stats.last_source == "memory"

@@ -444,15 +444,15 @@ def test_forward_next_fails_when_the_previous_forward_drew_nothing(fake):
     engine, core = fake
     q = core.open_instance("a").create_queue(0)
     p = q.allocate_pages(1)
-    with pytest.raises(PieError, match="forward-next"):
+    with pytest.raises(PieError, match="feed-previous"):
         q.forward([0], [0], p, 1, None, [Sample(0)], feeds_previous=True).result(5)  # nothing before it
     q.forward([5], [0], p, 1, None, []).result(5)  # draws nothing
-    with pytest.raises(PieError, match="forward-next"):
+    with pytest.raises(PieError, match="feed-previous"):
         q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True).result(5)
     bad = q.forward([666], [1], p, 2, None, [Sample(0)])  # passes validation, fails in the step
     with pytest.raises(PieError):
         bad.result(5)
-    with pytest.raises(PieError, match="forward-next"):
+    with pytest.raises(PieError, match="feed-previous"):
         q.forward([0], [1], p, 2, None, [Sample(0)], feeds_previous=True).result(5)
     assert core.stats.forwards_failed == 4
 

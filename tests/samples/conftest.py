@@ -57,9 +57,11 @@ def samples_pie_home() -> Iterator[None]:
 
 
 def build_and_precompile(name: str) -> Path:
+    """Builds sample `name` (Python; `name.js` for JavaScript) and precompiles it."""
     from inferlet_toolchain.build import build
 
-    wasm = build(SAMPLES / f"{name}.py", BUILT / f"{name}.wasm", quiet=True)
+    source = SAMPLES / (name if name.endswith(".js") else f"{name}.py")
+    wasm = build(source, BUILT / f"{source.stem}{'_js' if source.suffix == '.js' else ''}.wasm", quiet=True)
     # A cache of its own per thread: one cache compiles one component at a time.
     ComponentCache(PRECOMPILED).load(wasm)
     return Path(wasm)

@@ -12,7 +12,7 @@ import pytest
 from inferlet_toolchain.build import build, cache_key
 from inferlet_toolchain.manifest import read_manifest
 from inferlet_toolchain.source_check import check_source
-from inferlet_toolchain.wit_spec import exported_functions, find_wit_dir, linker_names
+from inferlet_toolchain.wit_spec import exported_functions, find_wit_dir, linker_names, package_version
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_inferlets"
 
@@ -40,11 +40,12 @@ def test_component_matches_the_contract(text_completion_wasm: Path) -> None:
     imports = {name: item.ty for name, item in ty.imports(engine).items()}
     exports = {name: item.ty for name, item in ty.exports(engine).items()}
 
+    version = package_version()
     expected: dict[str, set[str]] = {}
     for (interface, _resource, _function), name in linker_names(find_wit_dir()).items():
         expected.setdefault(interface, set()).add(name)
     for interface, names in expected.items():
-        key = f"pie:inferlet/{interface}@0.1.0"
+        key = f"pie:inferlet/{interface}@{version}"
         table = exports if interface in exported_functions() else imports
         assert key in table, f"component lacks {key}"
         instance = table[key]
@@ -53,7 +54,7 @@ def test_component_matches_the_contract(text_completion_wasm: Path) -> None:
         assert functions == names, key
     # Nothing else of ours is imported (WASI is the only other family).
     ours = {k for k in imports if k.startswith("pie:")}
-    assert ours == {f"pie:inferlet/{i}@0.1.0" for i in expected if i not in exported_functions()}
+    assert ours == {f"pie:inferlet/{i}@{version}" for i in expected if i not in exported_functions()}
     assert all(k.startswith(("pie:", "wasi:")) for k in imports)
 
 

@@ -105,7 +105,7 @@ def test_cli_help_and_missing_file(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "pie-build" in out and "--no-cache" in out and "inferlet.declare" in out
     assert cli.main([str(tmp_path / "nope.py")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_nothing_of_the_inferlet_runs(tmp_path: Path) -> None:

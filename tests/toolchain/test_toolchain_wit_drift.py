@@ -1,15 +1,27 @@
-"""Drift: every function of wit/ has an SDK binding (and vice versa)."""
+"""Drift: the contract (wit/), the Python SDK, the JavaScript SDK and the host agree.
+
+- Python SDK: every WIT function has a binding in `inferlet.raw.BINDINGS` (and
+  vice versa), where componentize-py's generated bindings put it.
+- JavaScript SDK: its binding table (`js/sdk/raw.js`) names every WIT function
+  and imports each interface at the contract's version (the table's bindings
+  are checked inside a real guest in test_toolchain_js.py).
+- Host: it implements the contract's version and binds every WIT function
+  under its linker name (tests/runtime/test_host.py also compares the
+  bindings with a real component's imports).
+"""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from inferlet_toolchain.wit_spec import find_wit_dir, linker_names, parse_functions, wit_functions
+from inferlet_toolchain.wit_spec import find_wit_dir, linker_names, package_version, parse_functions, wit_functions
 
 SDK = Path(__file__).resolve().parents[2] / "inferlet_toolchain" / "inferlet"
+JS_SDK = Path(__file__).resolve().parents[2] / "inferlet_toolchain" / "js" / "sdk"
 
 
 def sdk_binding_table() -> set[tuple]:
@@ -70,5 +82,36 @@ def test_parser_handles_resources_static_and_comments() -> None:
 def test_linker_names() -> None:
     names = linker_names()
     assert names[("inference", "queue", "forward")] == "[method]queue.forward"
+    assert package_version() == "0.2.0"
     assert names[("model", "model", "open")] == "[static]model.open"
     assert names[("runtime", None, "poll")] == "poll"
+
+
+def test_the_js_sdk_binding_table_names_every_wit_function() -> None:
+    rows = re.findall(r"^\s*\['([\w-]+)', (null|'[\w-]+'), '([\w-]+)',", (JS_SDK / "raw.js").read_text(), re.M)
+    table = [(iface, None if resource == "null" else resource.strip("'"), fn) for iface, resource, fn in rows]
+    assert len(table) == len(set(table)), "a function is listed twice"
+    assert set(table) == {f for f in wit_functions() if f[0] != "run"}
+
+
+def test_the_js_sdk_imports_the_contract_at_its_version() -> None:
+    version = package_version()
+    interfaces = {f[0] for f in wit_functions() if f[0] != "run"}
+    imported = {}
+    for path in JS_SDK.glob("*.js"):
+        for iface, at in re.findall(r"from 'pie:inferlet/([\w-]+)@([^']+)'", path.read_text()):
+            imported.setdefault(iface, set()).add(at)
+    assert set(imported) == interfaces
+    assert all(versions == {version} for versions in imported.values()), imported
+
+
+def test_the_host_implements_the_contract_version_and_binds_every_function() -> None:
+    from pie_runtime.wasm_host import RUN_INTERFACE, WIT_PACKAGE, WIT_VERSION, bound_function_names
+
+    assert WIT_VERSION == package_version()
+    assert RUN_INTERFACE == f"pie:inferlet/run@{WIT_VERSION}"
+    expected = {f"{WIT_PACKAGE}/{iface}@{WIT_VERSION}#{name}"
+                for (iface, _, _), name in linker_names().items() if iface != "run"}
+    bound = bound_function_names()
+    assert len(bound) == len(set(bound))
+    assert set(bound) == expected

@@ -33,26 +33,27 @@ def componentize_py() -> str:
     return found
 
 
-def _key(name: str) -> str:
+def _key(name: str, wit_dir: Path, world: str) -> str:
     h = hashlib.sha256()
     h.update((GUESTS / f"{name}.py").read_bytes())
-    for wit in sorted(WIT.glob("*.wit")):
+    h.update(world.encode())
+    for wit in sorted(wit_dir.glob("*.wit")):
         h.update(wit.read_bytes())
     h.update(subprocess.run([componentize_py(), "--version"], capture_output=True, text=True).stdout.encode())
     return h.hexdigest()[:24]
 
 
-def build_guest(name: str, cache_dir: Path | None = None) -> Path:
-    """The .wasm of tests/runtime/guests/<name>.py, built if not cached."""
+def build_guest(name: str, cache_dir: Path | None = None, *, wit_dir: Path = WIT, world: str = "inferlet") -> Path:
+    """The .wasm of tests/runtime/guests/<name>.py built against `world` of `wit_dir`, built if not cached."""
     cache = cache_dir or Path(os.environ.get("PIE_TEST_GUEST_CACHE", Path(tempfile.gettempdir()) / "pie-test-guests"))
     with _lock:
-        out = cache / f"{name}-{_key(name)}.wasm"
+        out = cache / f"{name}-{_key(name, wit_dir, world)}.wasm"
         if out.exists():
             return out
         cache.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         proc = subprocess.run(
-            [componentize_py(), "-d", str(WIT), "-w", "inferlet", "componentize", "-p", str(GUESTS), name,
+            [componentize_py(), "-d", str(wit_dir), "-w", world, "componentize", "-p", str(GUESTS), name,
              "-o", str(tmp)],
             capture_output=True, text=True,
         )

@@ -52,12 +52,22 @@ def mode_info(args):
         "vocab_hex": {str(i): vocab[i].hex() for i in range(0, len(vocab), max(1, len(vocab) // 50))},
         "special": [[t, i] for t, i in tok.special_tokens()],
         "chat": chat,
+        "scheduling": _scheduling(m),
     }
+
+
+def _scheduling(m):
+    hints = runtime.scheduling(m)
+    return {"decode_run": hints.decode_run, "queue_ahead": hints.queue_ahead}
 
 
 def _greedy(index):
     return inference.OutputRequest_Sample(inference.SampleSpec(
         index=index, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=None))
+
+
+def _options(feed_previous=False, draws=()):
+    return inference.ForwardOptions(feed_previous=feed_previous, draws=list(draws))
 
 
 def _queue_and_prompt(prompt):
@@ -67,16 +77,16 @@ def _queue_and_prompt(prompt):
 
 
 def mode_generate(args):
-    """Raw prefill + greedy decode: pages managed by hand, one forward per token
-    (`forward` + `get`; `forward-wait` with a third argument "wait"; each
-    pass queued one ahead with `forward-next` with "next")."""
+    """Raw prefill + greedy decode: pages managed by hand, one `forward` per
+    token and its future's `get` (each pass queued one ahead, fed the token
+    the one before draws, with a third argument "next"; N passes per call
+    with "runN")."""
     prompt, n = args[0], int(args[1])
-    how = args[2] if len(args) > 2 else "future"
+    how = args[2] if len(args) > 2 else "single"
     if how == "next":
         return _generate_one_ahead(prompt, n)
     if how.startswith("run"):
         return _generate_in_runs(prompt, n, int(how[3:]))
-    blocking = how == "wait"
     q, page_size, tokens = _queue_and_prompt(prompt)
     pages = []
     seq_len = 0
@@ -96,7 +106,7 @@ def mode_generate(args):
         request = inference.ForwardRequest(
             tokens=step, positions=positions, pages=list(pages), last_page_len=last,
             mask=None, outputs=[_greedy(len(step) - 1)])
-        result = q.forward_wait(request) if blocking else q.forward(request).get()
+        result = q.forward(request, _options()).get()
         token = result[0].value
         out.append(token)
         step = [token]
@@ -118,13 +128,13 @@ def _generate_one_ahead(prompt, n):
             tokens=step, positions=list(range(start, end)), pages=list(pages),
             last_page_len=end - (len(pages) - 1) * page_size, mask=None, outputs=[_greedy(len(step) - 1)])
 
-    current = q.forward(request(tokens, 0))
+    current = q.forward(request(tokens, 0), _options())
     seq_len = len(tokens)
     out = []
     for i in range(n):
         ahead = None
         if i + 1 < n:  # queued before `current` has run: fed the token it draws
-            ahead = q.forward_next(request([0], seq_len))
+            ahead = q.forward(request([0], seq_len), _options(feed_previous=True))
             seq_len += 1
         out.append(current.get()[0].value)
         current = ahead
@@ -134,7 +144,7 @@ def _generate_one_ahead(prompt, n):
 
 
 def _generate_in_runs(prompt, n, run):
-    """`run` tokens per `forward-run` call; the pages cover each whole run."""
+    """`run` tokens per `forward` call (draws); the pages cover each whole run."""
     q, page_size, step = _queue_and_prompt(prompt)
     pages = []
     seq_len = 0
@@ -149,7 +159,7 @@ def _generate_in_runs(prompt, n, run):
             tokens=step, positions=list(range(seq_len, seq_len + len(step))), pages=list(pages),
             last_page_len=end - (len(pages) - 1) * page_size, mask=None, outputs=[_greedy(len(step) - 1)])
         draws = [_greedy(0).value for _ in range(length - 1)]
-        tokens = [o.value for o in q.forward_run(request, draws, False).get()]
+        tokens = [o.value for o in q.forward(request, _options(draws=draws)).get()]
         out.extend(tokens)
         seq_len = end
         step = [tokens[-1]]
@@ -170,20 +180,14 @@ def mode_errors(args):
         req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=2, mask=None,
                    outputs=[_greedy(1)])
         req.update(kw)
-        return q.forward(inference.ForwardRequest(**req)).get()
-
-    def fwd_wait(**kw):
-        req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=2, mask=None,
-                   outputs=[_greedy(1)])
-        req.update(kw)
-        return q.forward_wait(inference.ForwardRequest(**req))
+        return q.forward(inference.ForwardRequest(**req), _options()).get()
 
     def fwd_run(draws=None, **kw):
         req = dict(tokens=[1, 2], positions=[0, 1], pages=[pages[0]], last_page_len=3, mask=None,
                    outputs=[_greedy(1)])
         req.update(kw)
-        return q.forward_run(inference.ForwardRequest(**req), [_greedy(0).value] if draws is None else draws,
-                             False).get()
+        draws = [_greedy(0).value] if draws is None else draws
+        return q.forward(inference.ForwardRequest(**req), _options(draws=draws)).get()
 
     codes = {
         "decode_out_of_vocab": _code(lambda: tok.decode([info.vocab_size + 5])),
@@ -200,9 +204,9 @@ def mode_errors(args):
         "sample_allowed_sum": _code(lambda: fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
             index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=[0, 3]))])),
         "output_index": _code(lambda: fwd(outputs=[_greedy(7)])),
-        "forward_wait_unknown_page": _code(lambda: fwd_wait(pages=[987654])),
-        "forward_wait_bad_token": _code(lambda: fwd_wait(tokens=[1, info.vocab_size + 3])),
-        "forward_wait_output_index": _code(lambda: fwd_wait(outputs=[_greedy(7)])),
+        "forward_feed_previous_first": _code(lambda: q.forward(inference.ForwardRequest(
+            tokens=[0], positions=[0], pages=[pages[1]], last_page_len=1, mask=None, outputs=[_greedy(0)]),
+            _options(feed_previous=True)).get()),
         "forward_run_mask": _code(lambda: fwd_run(mask=[[0, 3], [0, 3]])),
         "forward_run_no_sample": _code(lambda: fwd_run(outputs=[])),
         "forward_run_draw_index": _code(lambda: fwd_run(draws=[_greedy(1).value])),
@@ -214,6 +218,10 @@ def mode_errors(args):
         "import_unknown": _code(lambda: q.import_pages("no-such-export")),
         "unexport_unknown": _code(lambda: q.unexport("no-such-export")),
         "allocate_too_many": _code(lambda: q.allocate_pages(1 << 30)),
+        "kv_set_long_key": _code(lambda: kvstore.set("k" * 5000, "v")),
+        "send_too_large": _code(lambda: messaging.send("m" * ((16 << 20) + 1))),
+        "broadcast_long_topic": _code(lambda: messaging.broadcast("t" * 5000, "m")),
+        "subscribe_long_topic": _code(lambda: messaging.subscribe("t" * 5000)),
     }
     q.unexport("probe-dup")
     # The host must still serve this instance after all of that.
@@ -245,7 +253,7 @@ def mode_export_and_return(args):
     page = q.allocate_pages(1)[0]
     tokens = [1, 2, 3]
     q.forward(inference.ForwardRequest(tokens=tokens, positions=[0, 1, 2], pages=[page],
-                                       last_page_len=3, mask=None, outputs=[]))
+                                       last_page_len=3, mask=None, outputs=[]), _options())
     q.export_pages(args[0], [page], 3, True)
     return "exported"
 
