@@ -67,13 +67,27 @@ class RunningServer:
             "fds": m["process_open_fds"],
         }
 
-    def wait_idle(self, baseline: dict[str, float], timeout: float = 60.0) -> dict[str, float]:
-        """Waits until instances, KV pages, threads and open files are back to `baseline`; returns the last counts."""
+    def settled_counts(self, timeout: float = 30.0) -> dict[str, float]:
+        """The idle counts once no instance runs and two readings in a row agree (a thread that
+        outlives its instance for a moment, like the epoch ticker, has gone)."""
+        deadline = time.monotonic() + timeout
+        last = self.idle_counts()
+        while True:
+            time.sleep(0.3)
+            counts = self.idle_counts()
+            if (counts == last and counts["instances"] == 0) or time.monotonic() > deadline:
+                return counts
+            last = counts
+
+    def assert_back_to(self, baseline: dict[str, float], timeout: float = 60.0) -> None:
+        """Waits until instances, KV pages, threads and open files are back to `baseline` (or fewer)."""
         deadline = time.monotonic() + timeout
         while True:
             counts = self.idle_counts()
-            if all(counts[k] <= baseline[k] for k in counts) or time.monotonic() > deadline:
-                return counts
+            if all(counts[k] <= baseline[k] for k in counts):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not back to idle after {timeout:.0f}s: {counts} vs {baseline}")
             time.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:

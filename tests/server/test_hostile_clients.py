@@ -53,7 +53,7 @@ def code_of(reply):
 def test_malformed_frames_and_requests_get_errors_and_the_connection_goes_on(server, samples_built):
     component = samples_built("text_completion").read_bytes()
     sha = hashlib.sha256(component).hexdigest()
-    baseline = server.idle_counts()
+    baseline = server.settled_counts()
 
     async def go():
         raw = await raw_session(server)
@@ -99,7 +99,7 @@ def test_malformed_frames_and_requests_get_errors_and_the_connection_goes_on(ser
         "hash mismatch": "invalid-argument", "not a component": "compile-failed",
     }
     assert still_fine["ok"] and still_fine["result"] == {"instances": []}
-    assert server.wait_idle(baseline) == baseline
+    server.assert_back_to(baseline)
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
 
 
@@ -134,7 +134,7 @@ def test_a_client_vanishing_mid_stream_frees_its_instance(server, samples_built)
             await client.upload(chat)
 
     run(upload_first())
-    baseline = server.wait_idle(server.idle_counts(), timeout=5)
+    baseline = server.settled_counts()
     body = {"model": server.model, "messages": [{"role": "user", "content": "Go on forever."}], "stream": True,
             "max_tokens": 400, "temperature": 1.0}
     headers = {"Authorization": f"Bearer {server.tokens['alice']}"}
@@ -153,4 +153,4 @@ def test_a_client_vanishing_mid_stream_frees_its_instance(server, samples_built)
         transport.abort()  # no close frame: the TCP connection just dies
 
     run(killed_client())
-    assert server.wait_idle(baseline) == baseline
+    server.assert_back_to(baseline)
