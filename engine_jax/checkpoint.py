@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -122,8 +122,14 @@ def save_converted(
     return directory
 
 
-def restore_converted(directory: str | Path) -> ConvertedModel:
-    """Read a converted model back: numpy state dict, config dict, tokenizer, info."""
+def restore_converted(directory: str | Path, placement: tuple[Callable[[str], Any], Any] | None = None
+                      ) -> ConvertedModel:
+    """Read a converted model back: numpy state dict, config dict, tokenizer, info.
+
+    ``placement`` = (tensor name -> jax Sharding, dtype) restores every tensor as a jax
+    array in that dtype with that sharding instead: orbax reads each device's shard
+    straight onto the device (each process only its own devices' shards).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -135,7 +141,15 @@ def restore_converted(directory: str | Path) -> ConvertedModel:
         raise ModelCacheError(f"{directory}: the orbax checkpoint {STATE_DIR}/ is missing")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            state = checkpointer.restore(state_path)
+            target = None
+            if placement is not None:
+                import jax
+
+                sharding_of, dtype = placement
+                stored = checkpointer.metadata(state_path).item_metadata.tree
+                target = {name: jax.ShapeDtypeStruct(meta.shape, dtype, sharding=sharding_of(name))
+                          for name, meta in stored.items()}
+            state = checkpointer.restore(state_path, target)
     except Exception as exc:  # orbax/tensorstore raise many types on damaged data
         raise ModelCacheError(f"{state_path}: cannot restore the orbax checkpoint ({exc})") from exc
     return ConvertedModel(config=config, state_dict=dict(state), tokenizer=tokenizer, info=info)

@@ -53,13 +53,16 @@ def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, memo
     return count
 
 
-def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
-    """A zeroed pool with every slot invalid."""
+def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype,
+                    kv_sharding: jax.sharding.Sharding | None = None,
+                    valid_sharding: jax.sharding.Sharding | None = None) -> KVCache:
+    """A zeroed pool with every slot invalid; K/V and the valid bits placed by the shardings
+    when given (tensor parallel: split over KV heads, valid bits on every device)."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        slot_valid=jnp.zeros((num_pages, page_size), jnp.bool_),
+        k=tuple(jnp.zeros(shape, dtype, device=kv_sharding) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype, device=kv_sharding) for _ in range(config.num_layers)),
+        slot_valid=jnp.zeros((num_pages, page_size), jnp.bool_, device=valid_sharding),
     )
 
 
@@ -96,7 +99,9 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
-    def alloc(self, n: int) -> list[int]:
+    def alloc(self, n: int, near: int | None = None) -> list[int]:
+        """``n`` fresh page ids. ``near`` (a page id) asks for pages on the same devices as that
+        page: it matters to a pool over data-parallel replicas (``engine_jax.replicas``), not here."""
         if n < 0:
             raise EngineInputError(f"cannot allocate a negative number of pages ({n})")
         with self._lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any, Sequence, TextIO
 EXIT_OK = 0
 EXIT_INSTANCE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PROCESS_LOST = 3
 
 BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
 
@@ -47,26 +49,29 @@ child instances:
   .wasm or .py like PROGRAM), by NAME. Children are terminated when their
   parent ends; what they send is printed prefixed with "[CHILD-ID] ".
 
-exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
+devices:
+  --tensor-parallel N shards the model over N devices, --data-parallel M runs
+  M replicas; with --coordinator/--num-processes/--process-id the same
+  command on every host runs one engine over all their devices (process 0
+  runs the inferlet; the others serve its engine steps until it ends).
+{examples}
+exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error,
+3 when a process of a multi-host engine died (in-flight work failed).
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    from engine_jax.registry import DEFAULT_MODEL
+    from engine_jax import options
     from pie_runtime.policies import DEFAULT_DECODE_RUN
 
     p = argparse.ArgumentParser(
         prog="pie-run",
         description="Run an inferlet (a Pie WebAssembly program) against a model on this machine.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(examples=options.EXAMPLES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("program", help="inferlet component (.wasm) or inferlet source (.py, built on the fly)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
-    p.add_argument("--page-size", type=_positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
-    p.add_argument("--kv-pages", type=_positive_int, default=None, metavar="N",
-                   help="KV pages in the pool (default: the engine's choice)")
+    options.add_arguments(p)
     p.add_argument("--instances", type=_positive_int, default=1, metavar="N",
                    help="run N copies concurrently and print a summary (default 1)")
     p.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
@@ -194,19 +199,34 @@ def _read_manifest(wasm: Path, console: _Console) -> Any | None:
         return None
 
 
-def _load_model(args: argparse.Namespace, console: _Console) -> tuple[Any, Any]:
-    from engine_jax.engine import Engine
-    from engine_jax.loader import load_model
+def _build_engine(args: argparse.Namespace, console: _Console, on_lost: Any = None) -> Any:
+    from engine_jax.options import build_engine
 
-    console.log(f"pie-run: loading model {args.model} ...")
-    started = time.perf_counter()
-    loaded = load_model(args.model)
-    console.log(f"pie-run: read {loaded.name} ({loaded.config.architecture}, vocab {loaded.config.vocab_size}, "
-                f"{loaded.config.num_layers} layers) in {time.perf_counter() - started:.1f}s; preparing engine ...")
-    engine = Engine(loaded, page_size=args.page_size, num_pages=args.kv_pages)
-    console.log(f"pie-run: engine ready in {time.perf_counter() - started:.1f}s "
-                f"({engine.num_pages} KV pages of {engine.page_size} slots)")
-    return loaded, engine
+    return build_engine(args.engine_options, log=lambda text: console.log(f"pie-run: {text}"),
+                        on_lost=on_lost)
+
+
+def _follow(args: argparse.Namespace, console: _Console) -> int:
+    """A follower process of a multi-host engine: serves the leader's engine steps until it ends."""
+    try:
+        built = _build_engine(args, console)
+    except Exception as e:  # noqa: BLE001 - unknown model, bad options: say so and stop
+        console.error(f"pie-run: cannot load model {args.model}: {e}")
+        return EXIT_USAGE
+    console.log(f"pie-run: process {args.process_id} of {args.num_processes} following process 0 ...")
+    code = built.follow()
+    if code:
+        console.error(f"pie-run: process {args.process_id}: the leader (process 0) is gone; exiting")
+        _exit_now(EXIT_PROCESS_LOST)
+    console.log(f"pie-run: process {args.process_id}: the leader finished")
+    return EXIT_OK
+
+
+def _exit_now(code: int) -> None:
+    """Exits at once: the distributed runtime's orderly shutdown would wait for (or abort on) a dead peer."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
@@ -224,6 +244,15 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
     except SystemExit as e:  # argparse exits on --help and on errors
         return int(e.code or 0)
     console = _Console(stdout, stderr, args.quiet)
+    from engine_jax.options import EngineOptions
+
+    try:
+        args.engine_options = EngineOptions.from_args(args)
+    except ValueError as e:
+        console.error(f"pie-run: {e}")
+        return EXIT_USAGE
+    if args.process_id != 0:
+        return _follow(args, console)
 
     with tempfile.TemporaryDirectory(prefix="pie-run-") as scratch:
         return _main(args, inferlet_argv, console, stdin, stdout, Path(scratch))
@@ -280,11 +309,21 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     console.log(f"pie-run: component {wasm.name} {cache.stats.last_source} in {cache.stats.last_seconds * 1000:.0f} ms")
     registered = [Program(name, cache.load(path), program_manifest, program_grant)
                   for name, path, program_manifest, program_grant in programs]
+    instances: list[Instance] = []
+    lost: list[str] = []
+
+    def on_lost(message: str) -> None:  # a process of a multi-host engine died
+        lost.append(message)
+        console.error(f"pie-run: {message}")
+        for inst in list(instances):
+            inst.terminate(message)
+
     try:
-        loaded, engine = _load_model(args, console)
+        built = _build_engine(args, console, on_lost)
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop
         console.error(f"pie-run: cannot load model {args.model}: {e}")
         return EXIT_USAGE
+    loaded, engine = built.model, built.engine
 
     core = ServingCore(engine, policy=args.batching).start()
     queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
@@ -295,7 +334,6 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
     many = args.instances > 1
 
-    instances: list[Instance] = []
     for k in range(args.instances):
         prefix = f"[{k}] " if many else ""
         client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
@@ -315,6 +353,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         wall = time.perf_counter() - started
         stats = core.stats
         core.stop()
+        if not lost:
+            built.close()
         _restore_sigint(previous_handler)
 
     failed = 0
@@ -326,6 +366,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
             failed += 1
             console.error(f"pie-run: {prefix}{outcome.status}: {outcome.error}")
     _summary(console, outcomes, stats, wall, many)
+    if lost:
+        _exit_now(EXIT_PROCESS_LOST)
     return EXIT_OK if failed == 0 else EXIT_INSTANCE_FAILED
 
 
