@@ -15,23 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.components import REPO, built_component
 from tests.helpers.hf_models import FAMILIES
-from tests.runtime.guests.fixtures import PRECOMPILED, TEST_PIE_HOME
+from tests.runtime.guests.fixtures import TEST_PIE_HOME
 
-REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("scaleout_child.py")
 TOLERANCE = 1e-4  # max |log-prob difference|, float32, as the Hugging Face parity tests
-
-
-def built_component(name: str) -> Path:
-    """A sample inferlet built and precompiled in the tests' PIE_HOME (cached across sessions)."""
-    from inferlet_toolchain.build import build
-    from pie_runtime.component_cache import ComponentCache
-
-    wasm = Path(build(REPO / "sample_inferlets" / f"{name}.py", TEST_PIE_HOME / "samples" / f"{name}.wasm",
-                      quiet=True))
-    ComponentCache(PRECOMPILED).load(wasm)
-    return wasm
 
 
 def child_env() -> dict[str, str]:

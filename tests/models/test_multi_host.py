@@ -1,0 +1,124 @@
+"""Two processes on loopback run one tensor-parallel engine (jax.distributed, gloo collectives).
+
+Each process is a real `pie-run` with one CPU device; process 0 runs the
+inferlet, process 1 follows. Their mesh spans both, so every step's
+all-reduces cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.components import REPO, built_component
+from tests.runtime.guests.fixtures import TEST_PIE_HOME
+
+PROMPT = "Return a new list containing all items from the iterable"
+ENGINE = ["--page-size", "32", "--kv-pages", "16"]
+EXIT_PROCESS_LOST = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pie_run(*argv: str, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    env = dict(os.environ, PIE_HOME=str(TEST_PIE_HOME),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    return subprocess.Popen([sys.executable, "-m", "pie_runtime.cli", *argv], env=env, stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def group(wasm: Path, model: Path, *args: str, stdin=subprocess.DEVNULL) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """(leader, follower) of a two-process engine running ``wasm`` with inferlet ``args``."""
+    flags = [*ENGINE, "--model", str(model), "--tensor-parallel", "2", "--coordinator",
+             f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    follower = pie_run(str(wasm), *flags, "--process-id", "1")
+    leader = pie_run(str(wasm), *flags, "--process-id", "0", "--", *args, stdin=stdin)
+    return leader, follower
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # the distributed runtime catches SIGTERM
+        out, err = process.communicate()
+        pytest.fail(f"process did not finish in {timeout}s:\n{err[-3000:]}")
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(small_model_dir) -> Path:
+    return small_model_dir("mistral")
+
+
+def test_two_processes_complete_like_one(mistral_dir):
+    wasm = built_component("text_completion")
+    args = ["--prompt", PROMPT, "--max-tokens", "8"]
+    code, alone, err = finish(pie_run(str(wasm), *ENGINE, "--model", str(mistral_dir), "--", *args))
+    assert code == 0, err
+    leader, follower = group(wasm, mistral_dir, *args)
+    code, out, err = finish(leader)
+    assert code == 0, err
+    assert out == alone and out.strip()  # stdout holds only the completion (gloo's chatter goes to stderr)
+    assert "joining 2 processes" in err and "tensor parallel over 2 cpu devices" in err
+    code, out, err = finish(follower)
+    assert code == 0 and out == "", err
+    assert "following process 0" in err and "the leader finished" in err
+
+
+def test_leader_reports_a_killed_follower_within_seconds(mistral_dir):
+    """The chat inferlet answers once, then waits for input; the follower is killed; the leader's
+    idle ping (or the next turn's step) fails, it reports the lost process and exits with 3."""
+    wasm = built_component("chat")
+    leader, follower = group(wasm, mistral_dir, "--max-tokens", "4", stdin=subprocess.PIPE)
+    try:
+        leader.stdin.write("hello\n")
+        leader.stdin.flush()
+        assert '"reply"' in leader.stdout.readline()  # a whole turn ran on both processes
+        follower.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        leader.stdin.write("and now?\n")
+        leader.stdin.flush()
+        code, _, err = finish(leader, timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert code == EXIT_PROCESS_LOST, err[-3000:]
+    assert "a process of the multi-host engine is gone" in err
+    assert elapsed < 15, elapsed
+
+
+def test_follower_exits_when_the_leader_is_killed(mistral_dir):
+    wasm = built_component("chat")
+    leader, follower = group(wasm, mistral_dir, "--max-tokens", "4", stdin=subprocess.PIPE)
+    try:
+        leader.stdin.write("hello\n")
+        leader.stdin.flush()
+        assert '"reply"' in leader.stdout.readline()
+        leader.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code, _, err = finish(follower, timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert code == EXIT_PROCESS_LOST, err[-3000:]
+    assert "the leader (process 0) is gone" in err
+    assert elapsed < 15, elapsed
