@@ -10,6 +10,7 @@ Host/ServingCore path `pie-run` uses, and the interleaved timing loop.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -23,6 +24,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 INFERLETS = Path(__file__).resolve().parent / "inferlets"
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (benchmarks print it: figures from different CPUs do not compare)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def model_arg(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ their own. This script measures; the parent test asserts. It reads a JSON
 spec (model directories, a built component) and writes a JSON report:
 
 * ``logits[family][config]``: max |log-prob difference| to one device over a
-  prefill and a decode step, for TP=2, TP=4 and DP=2 x TP=2 (both replicas);
+  prefill and a decode step, for TP=2, TP=4 and DP=2 x TP=2 (both replicas),
+  and for qwen3 TP=2 with the Pallas kernel (interpret mode) per shard;
 * ``tokens[family][config]``: the tokens drawn in those steps (greedy,
   seeded top-p, top-k distribution ids);
 * ``collectives[family]``: every collective of the compiled TP=4 decode
@@ -39,7 +40,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     report: dict = {"logits": {}, "tokens": {}, "collectives": {}, "texts": {}}
     for family, directory in spec["families"].items():
-        logits, tokens, collectives = engine_checks(directory)
+        logits, tokens, collectives = engine_checks(directory, kernel=family == "qwen3")
         report["logits"][family], report["tokens"][family] = logits, tokens
         report["collectives"][family] = collectives
         report["texts"][family] = {tp: pie_run(spec, directory, "--tensor-parallel", tp) for tp in ("1", "2", "4")}
@@ -51,26 +52,29 @@ def main(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 
-def engines(directory: str, tp: int, dp: int = 1):
+def engines(directory: str, tp: int, dp: int = 1, attention: str | None = None):
     """(tokenizer, engine) for tp x dp devices (an Engine, or a ReplicatedEngine when dp > 1)."""
     from engine_jax.engine import Engine
     from engine_jax.loader import load_model
     from engine_jax.options import EngineOptions, build_engine
+    from engine_jax.sharding import make_mesh
 
-    if tp == 1 and dp == 1:
-        model = load_model(directory)
-        return model.tokenizer, Engine(model, page_size=4, num_pages=16)
+    if dp == 1 and (tp == 1 or attention):
+        mesh = make_mesh(tp) if tp > 1 else None
+        model = load_model(directory, mesh=mesh)
+        return model.tokenizer, Engine(model, page_size=4, num_pages=16, mesh=mesh, attention=attention)
     built = build_engine(EngineOptions(model=directory, page_size=4, kv_pages=16, tensor_parallel=tp,
                                        data_parallel=dp))
     return built.model.tokenizer, built.engine
 
 
-def engine_checks(directory: str):
+def engine_checks(directory: str, kernel: bool):
     from engine_jax.batch import Distribution, ForwardRequest, Logprobs, Sample
 
     results, hlo = {}, None
-    for name, tp, dp in (("tp1", 1, 1), ("tp2", 2, 1), ("tp4", 4, 1), ("dp2xtp2", 2, 2)):
-        tokenizer, engine = engines(directory, tp, dp)
+    layouts = [("tp1", 1, 1, None), ("tp2", 2, 1, None), ("tp4", 4, 1, None), ("dp2xtp2", 2, 2, None)]
+    for name, tp, dp, attention in layouts + ([("tp2-kernel", 2, 1, "interpret")] if kernel else []):
+        tokenizer, engine = engines(directory, tp, dp, attention)
         vocab = tuple(range(engine.config.vocab_size))
         tokens = tokenizer.encode(PROMPT)[:9]
         # On DP, one sequence on each replica (the pool places a request without `near` on the freest).
@@ -79,7 +83,7 @@ def engine_checks(directory: str):
         decode = run_step(engine, sequences, [tokens[3]], len(tokens), [
             Logprobs(index=0, token_ids=vocab), Sample(index=0), Distribution(index=0, k=5),
             Sample(index=0, temperature=0.9, top_p=0.8, seed=7)])
-        if tp == 4:
+        if tp == 4 and dp == 1:
             hlo = engine.step_hlo([ForwardRequest(tokens=[5], positions=[9], pages=sequences[0],
                                                   last_page_len=2, outputs=[Sample(index=0)])])
             weights = sorted({tuple(a.shape) for a in _leaves(engine.params) if a.ndim >= 2})
