@@ -78,47 +78,41 @@ def test_two_processes_complete_like_one(mistral_dir):
     assert "following process 0" in err and "the leader finished" in err
 
 
-def test_leader_reports_a_killed_follower_within_seconds(mistral_dir):
-    """The chat inferlet answers once, then waits for input; the follower is killed; the leader's
-    idle ping (or the next turn's step) fails, it reports the lost process and exits with 3."""
-    wasm = built_component("chat")
-    leader, follower = group(wasm, mistral_dir, "--max-tokens", "4", stdin=subprocess.PIPE)
+def kill_after_one_turn(model: Path, victim: str) -> tuple[int, str, float]:
+    """Runs the chat inferlet on two processes; after one whole turn (both processes took part)
+    kills ``victim`` ("leader" or "follower") and sends another line. The survivor's exit status,
+    stderr and the seconds it took to exit after the kill."""
+    leader, follower = group(built_component("chat"), model, "--max-tokens", "4", stdin=subprocess.PIPE)
     try:
         leader.stdin.write("hello\n")
         leader.stdin.flush()
-        assert '"reply"' in leader.stdout.readline()  # a whole turn ran on both processes
-        follower.send_signal(signal.SIGKILL)
+        assert '"reply"' in leader.stdout.readline()
+        killed_process, survivor = (leader, follower) if victim == "leader" else (follower, leader)
+        killed_process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        leader.stdin.write("and now?\n")
-        leader.stdin.flush()
-        code, _, err = finish(leader, timeout=60)
-        elapsed = time.monotonic() - killed
+        if victim == "follower":
+            leader.stdin.write("and now?\n")
+            leader.stdin.flush()
+        code, _, err = finish(survivor, timeout=60)
+        return code, err, time.monotonic() - killed
     finally:
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
             p.communicate()
+
+
+def test_leader_reports_a_killed_follower_within_seconds(mistral_dir):
+    """The leader's idle ping (or the next turn's step) fails: it reports the lost process, the
+    instance ends with that error, and the leader exits with 3."""
+    code, err, elapsed = kill_after_one_turn(mistral_dir, "follower")
     assert code == EXIT_PROCESS_LOST, err[-3000:]
     assert "a process of the multi-host engine is gone" in err
     assert elapsed < 15, elapsed
 
 
 def test_follower_exits_when_the_leader_is_killed(mistral_dir):
-    wasm = built_component("chat")
-    leader, follower = group(wasm, mistral_dir, "--max-tokens", "4", stdin=subprocess.PIPE)
-    try:
-        leader.stdin.write("hello\n")
-        leader.stdin.flush()
-        assert '"reply"' in leader.stdout.readline()
-        leader.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        code, _, err = finish(follower, timeout=60)
-        elapsed = time.monotonic() - killed
-    finally:
-        for p in (leader, follower):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+    code, err, elapsed = kill_after_one_turn(mistral_dir, "leader")
     assert code == EXIT_PROCESS_LOST, err[-3000:]
     assert "the leader (process 0) is gone" in err
     assert elapsed < 15, elapsed
