@@ -179,7 +179,7 @@ class Engine:
 
     With a ``mesh`` (``engine_jax.sharding.make_mesh``) the model runs tensor
     parallel over its devices: ``model.params`` must be laid out for it
-    (``load_model(..., tensor_parallel=N)``); the KV budget is per device.
+    (``load_model(..., mesh=mesh)``); the KV budget is per device.
     Page ids, validation and results are those of one device.
     """
 

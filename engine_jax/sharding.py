@@ -192,8 +192,8 @@ class TensorParallel:
         if params.layers and params.layers[0].w_qkv.shape[1] != self.kv_heads:
             raise ShardingError(
                 f"the weights have {params.layers[0].w_qkv.shape[1]} KV heads; tensor parallelism over "
-                f"{self.degree} devices lays them out with {self.kv_heads}: load the model with "
-                f"tensor_parallel={self.degree} (engine_jax.loader.load_model)")
+                f"{self.degree} devices lays them out with {self.kv_heads}: load the model for the mesh "
+                f"(engine_jax.loader.load_model(..., mesh=mesh))")
         return jax.device_put(params, self.param_shardings(params))
 
     def attention(self, fn: AttentionFn) -> AttentionFn:
