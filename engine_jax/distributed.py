@@ -225,19 +225,16 @@ class Leader:
             self._closed.set()
 
     def _fail(self, exc: BaseException) -> ProcessLost:
+        """Records the first failure and reports it once; the error to raise for this one."""
         with self._fail_lock:  # the engine thread and the pinger may both see the failure
             if self._lost is None:
-                self._report(exc)
+                self._lost = (f"a process of the multi-host engine is gone ({_one_line(exc)}); "
+                              "in-flight work has failed and the engine cannot run any more")
+                log.error("%s", self._lost)
+                if self.on_lost is not None:
+                    threading.Thread(target=self.on_lost, args=(self._lost,), name="pie-process-lost",
+                                     daemon=True).start()
         return ProcessLost(self._lost)
-
-    def _report(self, exc: BaseException) -> None:
-        if self._lost is None:
-            self._lost = (f"a process of the multi-host engine is gone ({_one_line(exc)}); "
-                          "in-flight work has failed and the engine cannot run any more")
-            log.error("%s", self._lost)
-            if self.on_lost is not None:
-                threading.Thread(target=self.on_lost, args=(self._lost,), name="pie-process-lost",
-                                 daemon=True).start()
 
     def _ping_loop(self) -> None:
         while not self._closed.wait(self.ping_interval / 4):
@@ -251,7 +248,7 @@ class Leader:
                 return
 
 
-def follow(engine: Any, *, on_op: Callable[[str], None] | None = None) -> int:
+def follow(engine: Any) -> int:
     """A follower's loop: runs the leader's device ops on ``engine`` until told to stop (0)
     or the leader is gone (1)."""
     import jax
@@ -263,8 +260,6 @@ def follow(engine: Any, *, on_op: Callable[[str], None] | None = None) -> int:
             leaves = _broadcast(placeholders) if placeholders else []
             if op == "stop":
                 return 0
-            if on_op is not None:
-                on_op(op)
             if op == "ping":
                 continue
             jax.block_until_ready(engine.apply_device_op(op, static, _rebuild(specs, leaves)))

@@ -9,7 +9,7 @@ spec (model directories, a built component) and writes a JSON report:
   prefill and a decode step, for TP=2, TP=4 and DP=2 x TP=2 (both replicas),
   and for qwen3 TP=2 with the Pallas kernel (interpret mode) per shard;
 * ``tokens[family][config]``: the tokens drawn in those steps (greedy,
-  seeded top-p, top-k distribution ids);
+  seeded top-p, masked as a grammar would, top-k distribution ids);
 * ``collectives[family]``: every collective of the compiled TP=4 decode
   step, with its result shape, plus the weight shapes it must not gather;
 * ``texts[family][tp]``: pie-run's greedy completion at TP=1, 2, 4, and
@@ -82,7 +82,8 @@ def engine_checks(directory: str, kernel: bool):
         prefill = run_step(engine, sequences, tokens, 0, [Logprobs(index=i, token_ids=vocab) for i in range(len(tokens))])
         decode = run_step(engine, sequences, [tokens[3]], len(tokens), [
             Logprobs(index=0, token_ids=vocab), Sample(index=0), Distribution(index=0, k=5),
-            Sample(index=0, temperature=0.9, top_p=0.8, seed=7)])
+            Sample(index=0, temperature=0.9, top_p=0.8, seed=7),
+            Sample(index=0, allowed=np.arange(len(vocab)) % 2 == 1)])  # a grammar-style mask: odd ids only
         if tp == 4 and dp == 1:
             hlo = engine.step_hlo([ForwardRequest(tokens=[5], positions=[9], pages=sequences[0],
                                                   last_page_len=2, outputs=[Sample(index=0)])])

@@ -47,7 +47,8 @@ def report(small_model_dir, pulled_home, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_tokens_equal_one_device(report, family):
     """TP=2, TP=4 and DP=2 x TP=2 (a sequence on each replica): log-probs of a prefill and a decode
-    step within 1e-4 of one device, and the same greedy, seeded top-p and top-k draws; for qwen3 also
+    step within 1e-4 of one device, and the same greedy, seeded top-p, masked (as a grammar masks)
+    and top-k draws; for qwen3 also
     TP=2 with the Pallas kernel (interpret mode) running per shard in shard_map."""
     diffs = report["logits"][family]
     layouts = {"tp2", "tp4", "dp2xtp2"} | ({"tp2-kernel"} if family == "qwen3" else set())
@@ -56,6 +57,7 @@ def test_logits_and_tokens_equal_one_device(report, family):
     tokens = report["tokens"][family]
     for config in layouts:
         assert tokens[config] == [tokens["tp1"][0]] * len(tokens[config]), (config, tokens)
+    assert tokens["tp1"][0][3] % 2 == 1  # the mask held
 
 
 @pytest.mark.parametrize("family", FAMILIES)
