@@ -10,6 +10,7 @@ Host/ServingCore path `pie-run` uses, and the interleaved timing loop.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -27,8 +28,6 @@ INFERLETS = Path(__file__).resolve().parent / "inferlets"
 
 def cpu_model() -> str:
     """The host CPU's model name and core count (figures from different hosts compare with nothing)."""
-    import os
-
     name = "unknown CPU"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -65,9 +65,9 @@ def gemv_chain(params):
     order, no attention, norms, KV writes or sampling): how fast XLA streams the weights."""
     def chain(params, x):
         for lp in params.layers:
-            qkv = x @ lp.w_qkv
+            qkv = x @ lp.w_qkv.reshape(lp.w_qkv.shape[0], -1)
             x = x + qkv[:, : lp.w_o.shape[0]] @ lp.w_o
-            gate_up = x @ lp.w_gate_up
+            gate_up = x @ lp.w_gate_up.reshape(lp.w_gate_up.shape[0], -1)
             x = x + gate_up[:, : lp.w_down.shape[0]] @ lp.w_down
         head = params.lm_head if params.lm_head is not None else params.embed.T
         return jnp.argmax(x @ head, axis=-1)

@@ -8,6 +8,12 @@ A converted model directory holds::
     state/                   orbax checkpoint of {HF tensor name: array}
     pie_model.json           written last: format version, source, sha256 (its presence = complete)
 
+Converting streams: tensors are read (a GGUF dequantized, a safetensors file memory-mapped)
+one at a time, cast to the target dtype, and written in batches of ``BATCH_BYTES`` with
+orbax's partial saves, so a model larger than host memory converts; the peak host memory is
+measured and reported. Format 2 keeps the tree under ``state/state/`` (orbax's partial-save
+layout); format 1 caches (``state/`` itself) are still read.
+
 Converting a GGUF costs seconds (dequantization); restoring the orbax checkpoint about one.
 """
 
@@ -17,18 +23,23 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from engine_jax.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MARKER = "pie_model.json"
 STATE_DIR = "state"
+PYTREE_DIR = "state"  # inside STATE_DIR: where orbax's partial saves put the tree
+BATCH_BYTES = 64 * 1024 * 1024
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ModelCacheError(ValueError):
@@ -57,10 +68,10 @@ def read_info(directory: str | Path) -> dict[str, Any]:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelCacheError(f"{path}: unreadable ({exc})") from exc
-    if info.get("format") != FORMAT_VERSION:
+    if info.get("format") not in READABLE_FORMATS:
         raise ModelCacheError(
             f"{directory}: converted with cache format {info.get('format')!r}, this version reads "
-            f"{FORMAT_VERSION}; delete the directory and convert again"
+            f"{', '.join(map(str, READABLE_FORMATS))}; delete the directory and convert again"
         )
     return info
 
@@ -74,16 +85,22 @@ def save_converted(
     source: Mapping[str, Any] | None = None,
     total: int | None = None,
     progress: bool = True,
+    dtype: str | None = None,
+    batch_bytes: int = BATCH_BYTES,
 ) -> Path:
     """Write a converted model to ``directory`` (replacing one that is there) and return it.
 
     ``tensors`` may be a lazy iterator (e.g. dequantizing a GGUF tensor by tensor): it is
-    consumed under a tqdm bar on stderr. The directory appears complete or not at all: it is
-    built beside the destination and renamed into place.
+    consumed under a tqdm bar on stderr, each tensor cast to ``dtype`` (one of ``DTYPES``;
+    None keeps the source's) and written once ``batch_bytes`` have gathered, so host memory
+    holds about one batch, never the model. The directory appears complete or not at all: it
+    is built beside the destination and renamed into place.
     """
-    import orbax.checkpoint as ocp
+    from orbax.checkpoint.experimental.v1 import partial
     from tqdm import tqdm
 
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelCacheError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -95,23 +112,42 @@ def save_converted(
             total = len(tensors)
         bar = tqdm(items, total=total, desc=f"converting {directory.name}", unit="tensor",
                    file=sys.stderr, disable=not progress)
-        state = {name: np.asarray(array) for name, array in bar}
-        if not state:
-            raise ModelCacheError("refusing to save a model without tensors")
         started = time.perf_counter()
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / STATE_DIR, state)
-            checkpointer.wait_until_finished()
+        names: set[str] = set()
+        stats = {"num_parameters": 0, "bytes": 0, "dtypes": set()}
+        batch: dict[str, np.ndarray] = {}
+        with PeakMemory() as peak:
+            for name, array in bar:
+                if name in names:
+                    raise ModelCacheError(f"tensor {name!r} appears twice in the source")
+                names.add(name)
+                array = _cast(np.asarray(array), dtype)
+                stats["num_parameters"] += int(array.size)
+                stats["bytes"] += int(array.nbytes)
+                stats["dtypes"].add(str(array.dtype))
+                batch[name] = array
+                if sum(a.nbytes for a in batch.values()) >= batch_bytes:
+                    partial.save(staging / STATE_DIR, batch)
+                    batch = {}
+            if not names:
+                raise ModelCacheError("refusing to save a model without tensors")
+            if batch:
+                partial.save(staging / STATE_DIR, batch)
+            del batch
+            partial.finalize(staging / STATE_DIR)
         if progress:
-            print(f"wrote orbax checkpoint in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+            print(f"wrote orbax checkpoint in {time.perf_counter() - started:.1f}s: {len(names)} tensors, "
+                  f"{stats['bytes'] / 2**20:.0f} MiB ({', '.join(sorted(stats['dtypes']))}); "
+                  f"{peak.describe()}", file=sys.stderr)
         (staging / "config.json").write_text(json.dumps(dict(config), indent=2), encoding="utf-8")
         tokenizer.save(staging)
         info = {
             "format": FORMAT_VERSION,
             "source": dict(source or {}),
-            "num_tensors": len(state),
-            "num_parameters": int(sum(a.size for a in state.values())),
-            "dtypes": sorted({str(a.dtype) for a in state.values()}),
+            "num_tensors": len(names),
+            "num_parameters": stats["num_parameters"],
+            "dtypes": sorted(stats["dtypes"]),
+            "peak_host_bytes": peak.bytes,
         }
         (staging / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
         if directory.exists():
@@ -122,8 +158,72 @@ def save_converted(
     return directory
 
 
-def restore_converted(directory: str | Path) -> ConvertedModel:
-    """Read a converted model back: numpy state dict, config dict, tokenizer, info."""
+def _cast(array: np.ndarray, dtype: str | None) -> np.ndarray:
+    if dtype is None or not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        return array
+    import ml_dtypes
+
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    return array if array.dtype == target else array.astype(target)
+
+
+class PeakMemory:
+    """Samples the process's anonymous resident memory (Linux ``RssAnon``) in a thread; ``bytes``
+    is the peak above the start (file-backed pages, e.g. a memory-mapped source, are excluded:
+    the kernel can drop them). None where /proc is not there."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.bytes: int | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        start = _anonymous_rss()
+        if start is not None:
+            self._start, self.bytes = start, 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            now = _anonymous_rss()
+            if now is not None:
+                self.bytes = max(self.bytes or 0, now - self._start)
+            if self._stop.wait(self.interval):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.bytes is not None:
+            self._thread.join()
+
+    def describe(self) -> str:
+        if self.bytes is None:
+            return "peak host memory not measured (no /proc/self/status)"
+        return f"peak host memory {self.bytes / 2**20:.0f} MiB above the start"
+
+
+def _anonymous_rss() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def restore_converted(directory: str | Path,
+                      placement: Callable[[str, tuple[int, ...]], Any] | None = None) -> ConvertedModel:
+    """Read a converted model back: numpy state dict, config dict, tokenizer, info.
+
+    ``placement`` = (tensor name, shape) -> ``jax.ShapeDtypeStruct`` with a sharding (e.g.
+    ``TensorParallel.hf_target``) restores every tensor as a jax array of that dtype and
+    sharding instead: orbax reads each device's shard straight onto the device (each process
+    only its own devices' shards).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -133,9 +233,15 @@ def restore_converted(directory: str | Path) -> ConvertedModel:
     state_path = directory / STATE_DIR
     if not state_path.is_dir():
         raise ModelCacheError(f"{directory}: the orbax checkpoint {STATE_DIR}/ is missing")
+    # Format 2: orbax's partial saves put the tree one level down; format 1 has it in state/.
+    tree_path = state_path if info.get("format") == 1 else state_path / PYTREE_DIR
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            state = checkpointer.restore(state_path)
+            target = None
+            if placement is not None:
+                stored = checkpointer.metadata(tree_path).item_metadata.tree
+                target = {name: placement(name, tuple(meta.shape)) for name, meta in stored.items()}
+            state = checkpointer.restore(tree_path, target)
     except Exception as exc:  # orbax/tensorstore raise many types on damaged data
         raise ModelCacheError(f"{state_path}: cannot restore the orbax checkpoint ({exc})") from exc
     return ConvertedModel(config=config, state_dict=dict(state), tokenizer=tokenizer, info=info)
@@ -155,11 +261,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def convert(src: str | Path, out: str | Path, *, progress: bool = True, source: Mapping[str, Any] | None = None,
-            chat_template: str | None = None) -> Path:
-    """Convert a GGUF file or a Hugging Face checkpoint directory into a converted model at ``out``.
-
-    ``chat_template`` is used when the GGUF file carries none.
-    """
+            chat_template: str | None = None, dtype: str | None = None) -> Path:
+    """Convert a GGUF file or a Hugging Face checkpoint directory into a converted model at ``out``,
+    tensor by tensor, in ``dtype`` (default: float32 for a GGUF's dequantized tensors, a
+    safetensors file's own dtype). ``chat_template`` is used when the GGUF file carries none."""
     from engine_jax import gguf
 
     src = Path(src)
@@ -172,14 +277,14 @@ def convert(src: str | Path, out: str | Path, *, progress: bool = True, source: 
             tokenizer = tokenizer.with_chat_template(chat_template)
         tensors = gguf.iter_gguf_tensors(reader, model_config, src)
         return save_converted(out, model_config, tensors, tokenizer, source={"format": "gguf", **record},
-                              total=len(reader.tensors), progress=progress)
+                              total=len(reader.tensors), progress=progress, dtype=dtype)
     if src.is_dir():
         from engine_jax.weights import load_hf_checkpoint
 
         model_config, state = load_hf_checkpoint(src)
         tokenizer = Tokenizer.from_directory(src)
         return save_converted(out, model_config, state, tokenizer, source={"format": "hf", **record},
-                              progress=progress)
+                              progress=progress, dtype=dtype)
     if src.is_file():
         raise ModelCacheError(f"{src}: neither a GGUF file nor a Hugging Face checkpoint directory")
     raise ModelCacheError(f"{src}: no such file or directory")

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert a GGUF file or a Hugging Face checkpoint directory")
     convert.add_argument("src", metavar="SRC", help="a .gguf file or a directory with config.json + *.safetensors")
     convert.add_argument("--out", required=True, metavar="DIR", help="directory to write the converted model to")
+    convert.add_argument("--dtype", choices=checkpoint.DTYPES, default=None,
+                         help="store the weights in this dtype (default: float32 for a GGUF, the source's for "
+                              "safetensors); tensors are converted one at a time, and the peak host memory is printed")
     info = sub.add_parser("info", help="architecture, sizes, vocabulary, special tokens of a model")
     info.add_argument("target", metavar="NAME_OR_PATH",
                       help="a known model name, a .gguf file, a converted or Hugging Face model directory")
@@ -63,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.name}: converted in {directory}")
             return 0
         if args.command == "convert":
-            directory = checkpoint.convert(args.src, args.out)
+            directory = checkpoint.convert(args.src, args.out, dtype=args.dtype)
             print(f"converted {args.src} -> {directory}")
             return 0
         return _info(args.target, as_json=args.json)

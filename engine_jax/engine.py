@@ -16,11 +16,13 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from engine_jax.batch import (
     Distribution,
@@ -38,6 +40,7 @@ from engine_jax.model import Params, TokenBatch
 from engine_jax.paged_attention import AttentionFn, resolve_attention
 from engine_jax.paged_attention.reference import use_by_request
 from engine_jax.sampling import row_keys, sample_tokens, token_logprobs, top_k_distribution
+from engine_jax.sharding import MODEL_AXES, TensorParallel
 
 _CPU_KV_BUDGET = 512 * 1024 * 1024
 _ACCELERATOR_KV_FRACTION = 0.8
@@ -104,9 +107,12 @@ class OutputBatch:
     step: jax.Array  # i32 scalar
 
 
-def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, sample_mode, sort_width, dist_k):
+def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, tensor_parallel, sample_mode,
+               sort_width, dist_k):
     forward = family_of(config).forward
     cache, logits = forward(params, cache, batch, inv_freq, config=config, attention=attention)
+    if tensor_parallel is not None:  # whole vocabulary rows before sampling
+        logits = tensor_parallel.gather_logits(logits)
     results = {}
     if sample_mode:
         stochastic = sample_mode == 2
@@ -125,7 +131,7 @@ def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, sa
 # Module-level jits: engines of the same model config share compiled executables.
 _step_jit = jax.jit(
     _step_impl,
-    static_argnames=("config", "attention", "sample_mode", "sort_width", "dist_k"),
+    static_argnames=("config", "attention", "tensor_parallel", "sample_mode", "sort_width", "dist_k"),
     donate_argnums=(1,),
 )
 
@@ -163,6 +169,20 @@ _clear_jit = jax.jit(_clear_valid, donate_argnums=(0,))
 _copy_jit = jax.jit(_copy_slots, donate_argnums=(0,))
 _set_jit = jax.jit(_set_valid, donate_argnums=(0,))
 
+PoolOp = Callable[..., tuple[KVCache, Any]]
+# The KV-pool ops besides the step: (cache, host arrays, **static) -> (new cache, result or None).
+# Every op that touches the pool goes through ``Engine._device_op`` by name, so a multi-host
+# leader replays it on its followers, and ``engine_jax.replicas.ReplicatedEngine`` routes the
+# public method to the replica that holds the pages. A new pool op is a row here plus an Engine
+# method that validates its arguments and calls ``_device_op`` (and a ReplicatedEngine method).
+POOL_OPS: dict[str, PoolOp] = {
+    "clear": lambda cache, a: (dataclasses.replace(cache, slot_valid=_clear_jit(cache.slot_valid, a["pages"])), None),
+    "copy": lambda cache, a: (_copy_jit(cache, *(a[k] for k in ("src_page", "src_offset", "dst_page", "dst_offset",
+                                                                  "count"))), None),
+    "set": lambda cache, a: (dataclasses.replace(cache, slot_valid=_set_jit(
+        cache.slot_valid, *(a[k] for k in ("page", "offset", "count", "valid")))), None),
+}
+
 
 class Engine:
     """Runs batched forward steps of one model over a paged KV pool.
@@ -174,6 +194,11 @@ class Engine:
     ``kv_memory_bytes`` (default: 80% of free accelerator memory, 512 MiB on
     CPU). ``attention`` is "reference", "kernel", "interpret", a callable, or
     None for the platform default.
+
+    With a ``mesh`` (``engine_jax.sharding.make_mesh``) the model runs tensor
+    parallel over its devices: ``model.params`` must be laid out for it
+    (``load_model(..., mesh=mesh)``); the KV budget is per device.
+    Page ids, validation and results are those of one device.
     """
 
     def __init__(
@@ -184,6 +209,7 @@ class Engine:
         kv_memory_bytes: int | None = None,
         attention: str | AttentionFn | None = None,
         seed: int = 0,
+        mesh: Mesh | None = None,
     ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -191,27 +217,40 @@ class Engine:
         self.model = model
         self.name: str = model.name
         self.config: ModelConfig = model.config
-        self.params: Params = _with_cpu_lm_head(model.params)
+        self.tensor_parallel = TensorParallel(mesh, model.config) if mesh is not None else None
+        tp = self.tensor_parallel
+        layout = tp.layout_config if tp else self.config  # KV heads as laid out on the devices
+        params = tp.place_params(model.params) if tp else model.params
+        self.params: Params = _with_cpu_lm_head(params, tp)
         self.tokenizer = model.tokenizer
         self.page_size = page_size
         self.dtype = self.params.embed.dtype
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
         if num_pages is None:
-            budget = kv_memory_bytes if kv_memory_bytes is not None else _default_kv_budget()
-            num_pages = pages_for_budget(self.config, page_size, self.dtype, budget)
+            budget = kv_memory_bytes if kv_memory_bytes is not None else _default_kv_budget(devices[0])
+            # Each device holds its share of the KV heads.
+            num_pages = pages_for_budget(layout, page_size, self.dtype, budget * len(devices))
+            if jax.process_count() > 1:  # every process must build the same pool: the smallest
+                num_pages = int(multihost_utils.process_allgather(np.int64(num_pages)).min())
         self.num_pages = int(num_pages)
         self.pool = PagePool(self.num_pages)
         self.family = family_of(self.config)
-        self.cache: KVCache = create_kv_cache(self.config, self.num_pages, page_size, self.dtype,
-                                              with_positions=self.family.slot_positions)
+        self.cache: KVCache = create_kv_cache(layout, self.num_pages, page_size, self.dtype,
+                                              with_positions=self.family.slot_positions,
+                                              kv_sharding=tp.kv_sharding if tp else None,
+                                              slot_sharding=tp.replicated if tp else None)
         self.attention_fn = resolve_attention(attention)
-        self.platform: str = jax.devices()[0].platform  # "cpu", "gpu", "tpu"
-        self._inv_freq = jnp.asarray(self.family.rope_inv_freq(self.config))
+        self.platform: str = devices[0].platform  # "cpu", "gpu", "tpu"
+        self._inv_freq = jax.device_put(self.family.rope_inv_freq(self.config), tp.replicated if tp else devices[0])
         self._stream_key = np.asarray(jax.random.key_data(jax.random.key(seed)), dtype=np.uint32)
         self._step_count = 0
-        self._step = partial(_step_jit, config=self.config, attention=self.attention_fn)
+        self._step = partial(_step_jit, config=layout, attention=tp.attention(self.attention_fn) if tp else
+                             self.attention_fn, tensor_parallel=tp)
         # Compiled step executables hold memory mappings; see engine_jax.map_budget.
         self.map_budget = MapBudget()
         self._step_executables = _step_jit._cache_size()
+        # A multi-host leader (engine_jax.distributed.Leader) sends every device op to the followers.
+        self.leader: Any = None
 
     # ------------------------------------------------------------------ validation
 
@@ -316,15 +355,53 @@ class Engine:
         """The step without validation (callers that build requests themselves, e.g. ``generate``)."""
         if not requests:
             return []
+        return self.finish(self.launch(requests))
+
+    def launch(self, requests: Sequence[ForwardRequest]) -> Any:
+        """Dispatches the step of (validated) ``requests`` without waiting for the device;
+        ``finish`` waits and returns the results (data-parallel replicas overlap their steps)."""
         self._flush_fresh_pages()
         batch, out_batch, static, plan = self._prepare(requests)
-        self.cache, device_results = self._step(self.params, self.cache, batch, out_batch, self._inv_freq, **static)
+        arrays = {"batch": _fields(batch), "outputs": _fields(out_batch)}
+        device_results = self._device_op("step", static, arrays)
         self._step_count += 1
-        host = jax.device_get(device_results)
+        return plan, device_results, len(requests)
+
+    def finish(self, launched: Any) -> list[list[OutputResult]]:
+        plan, device_results, num_requests = launched
+        host = self._fetch(device_results)
         if _step_jit._cache_size() != self._step_executables:  # a new shape compiled (or caches cleared)
             self.map_budget.check()
             self._step_executables = _step_jit._cache_size()
-        return self._collect(plan, host, len(requests))
+        return self._collect(plan, host, num_requests)
+
+    # ------------------------------------------------------------------ device ops
+
+    def _device_op(self, op: str, static: dict[str, Any], arrays: dict[str, Any]) -> Any:
+        """Runs a device op; a multi-host leader first sends it to the followers."""
+        if self.leader is not None:
+            return self.leader.run(op, static, arrays, self.apply_device_op)
+        return self.apply_device_op(op, static, arrays)
+
+    def apply_device_op(self, op: str, static: dict[str, Any], arrays: dict[str, Any]) -> Any:
+        """One device op on this process's share of the engine's state: ``"step"`` (returns the
+        device results) or a pool op of ``POOL_OPS`` (returns its result, or the new KV cache).
+        Host inputs only (numpy arrays in ``arrays``, plain values in ``static``): the followers
+        of a multi-host engine (``engine_jax.distributed``) run what the leader sent them through here."""
+        if op == "step":
+            batch, outputs = TokenBatch(**arrays["batch"]), OutputBatch(**arrays["outputs"])
+            self.cache, results = self._step(self.params, self.cache, batch, outputs, self._inv_freq, **static)
+            return results
+        if op not in POOL_OPS:
+            raise ValueError(f"unknown device op {op!r}")
+        self.cache, result = POOL_OPS[op](self.cache, arrays, **static)
+        return self.cache if result is None else result
+
+    def _fetch(self, tree: Any) -> Any:
+        """Device results (whole on every device) as host arrays."""
+        if self.leader is not None:
+            return self.leader.fetch(tree)
+        return jax.device_get(tree)
 
     def step_hlo(self, requests: Sequence[ForwardRequest]) -> str:
         """The compiled HLO text of the step that would run ``requests`` (a diagnostic: look for cache copies)."""
@@ -486,8 +563,7 @@ class Engine:
         if fresh:
             ids = np.full(_bucket(len(fresh)), self.num_pages, np.int32)
             ids[:len(fresh)] = fresh
-            slot_valid = _clear_jit(self.cache.slot_valid, ids)
-            self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
+            self._device_op("clear", {}, {"pages": ids})
 
     def _check_range(self, page: int, offset: int, count: int, what: str) -> None:
         if not 0 <= page < self.num_pages:
@@ -506,8 +582,9 @@ class Engine:
         if count == 0:
             return
         self._flush_fresh_pages()
-        self.cache = _copy_jit(self.cache, np.int32(src_page), np.int32(src_offset), np.int32(dst_page),
-                                np.int32(dst_offset), np.int32(count))
+        self._device_op("copy", {}, {"src_page": np.int32(src_page), "src_offset": np.int32(src_offset),
+                                     "dst_page": np.int32(dst_page), "dst_offset": np.int32(dst_offset),
+                                     "count": np.int32(count)})
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copies a whole page (all slots of every layer, and the valid bits)."""
@@ -519,21 +596,29 @@ class Engine:
         if count == 0:
             return
         self._flush_fresh_pages()
-        slot_valid = _set_jit(self.cache.slot_valid, np.int32(page), np.int32(offset), np.int32(count), np.bool_(valid))
-        self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
+        self._device_op("set", {}, {"page": np.int32(page), "offset": np.int32(offset), "count": np.int32(count),
+                                    "valid": np.bool_(valid)})
 
     def slot_valid(self) -> np.ndarray:
         """A host copy of the valid bits ``[num_pages, page_size]`` (for inspection and tests)."""
         self._flush_fresh_pages()
-        return np.asarray(self.cache.slot_valid)
+        return np.asarray(self._fetch(self.cache.slot_valid))
 
 
-def _with_cpu_lm_head(params: Params) -> Params:
+def _with_cpu_lm_head(params: Params, tp: TensorParallel | None) -> Params:
     """On CPU, gives tied models an explicit [hidden, vocab] head: XLA:CPU multiplies by a
     transposed embedding ~1.5x slower than by a contiguous copy (accelerators need no copy)."""
     if params.lm_head is not None or jax.default_backend() != "cpu":
         return params
-    return dataclasses.replace(params, lm_head=jnp.transpose(params.embed).copy())
+    head = jnp.transpose(params.embed).copy()
+    if tp is not None:
+        head = jax.device_put(head, tp.sharding(MODEL_AXES["lm_head"]))
+    return dataclasses.replace(params, lm_head=head)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict (shallow: the arrays are not copied)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def _int_list(values: Sequence[int], field: str) -> Sequence[int]:
@@ -554,8 +639,7 @@ def _int_array(values: Sequence[int], field: str) -> np.ndarray:
     return array
 
 
-def _default_kv_budget() -> int:
-    device = jax.devices()[0]
+def _default_kv_budget(device: Any) -> int:
     if device.platform == "cpu":
         return _CPU_KV_BUDGET
     try:

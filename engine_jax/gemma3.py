@@ -15,7 +15,8 @@ What differs from the Llama family (``engine_jax.model``), following transformer
   ``attn_logit_softcapping`` is read but, as in transformers' Gemma 3, not applied.
 
 The parameter tree mirrors the Llama one (per-layer dataclasses, ``[in, out]`` projections, q/k/v
-and gate/up fused), so sharding rules written over field names carry over.
+fused and grouped by KV head, gate/up side by side, as ``engine_jax.model``), so the tensor-parallel
+rules of ``engine_jax.sharding``, written over field names, carry over (the four norms are replicated).
 """
 
 from __future__ import annotations
@@ -30,7 +31,17 @@ import numpy as np
 
 from engine_jax.config import _rope_of
 from engine_jax.kv_cache import KVCache
-from engine_jax.model import TokenBatch, WeightError, _apply_rope, rope_frequencies
+from engine_jax.model import (
+    HFNames,
+    TokenBatch,
+    WeightError,
+    _apply_rope,
+    cast,
+    check_tensors,
+    fuse_qkv,
+    rope_frequencies,
+    stack_gate_up,
+)
 from engine_jax.paged_attention import AttentionFn
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
@@ -165,13 +176,13 @@ def _gemma_rope(text: Mapping[str, Any]) -> tuple[float, float, tuple[tuple[str,
 @dataclass(frozen=True)
 class Gemma3LayerParams:
     attn_norm: jax.Array  # f32[hidden], 1 + weight (as every norm here)
-    w_qkv: jax.Array  # [hidden, (num_heads + 2 * num_kv_heads) * head_dim]
+    w_qkv: jax.Array  # [hidden, num_kv_heads, group + 2, head_dim], as engine_jax.model's
     q_norm: jax.Array  # f32[head_dim]
     k_norm: jax.Array  # f32[head_dim]
     w_o: jax.Array  # [num_heads * head_dim, hidden]
     post_attn_norm: jax.Array  # f32[hidden]
     mlp_norm: jax.Array  # f32[hidden]
-    w_gate_up: jax.Array  # [hidden, 2 * intermediate]
+    w_gate_up: jax.Array  # [hidden, 2, intermediate]: gate, up
     w_down: jax.Array  # [intermediate, hidden]
     post_mlp_norm: jax.Array  # f32[hidden]
 
@@ -188,61 +199,77 @@ class Gemma3Params:
 _PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 
-def params_from_state_dict(
-    config: Gemma3Config, state_dict: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32
-) -> Gemma3Params:
-    """From transformers' tensor names: ``model.layers.{i}...`` (Gemma3ForCausalLM) or the language
-    model of a Gemma3ForConditionalGeneration (``model.language_model.`` / ``language_model.model.``)."""
+def hf_names(config: Gemma3Config, state_dict: Mapping[str, Any]) -> HFNames:
+    """The tensors of transformers' ``model.layers.{i}...`` (Gemma3ForCausalLM) or of the language
+    model of a Gemma3ForConditionalGeneration (``model.language_model.`` / ``language_model.model.``),
+    checked (WeightError names a missing or misshapen one)."""
     c = config
     prefix = next((p for p in _PREFIXES if p + "embed_tokens.weight" in state_dict), None)
     if prefix is None:
         raise WeightError("checkpoint is missing tensor 'model.embed_tokens.weight' (no Gemma 3 text model found)")
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state_dict:
-            raise WeightError(f"checkpoint is missing tensor {name!r} (expected shape {shape})")
-        array = state_dict[name]
-        if tuple(array.shape) != shape:
-            raise WeightError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
-        return np.asarray(array, dtype=np.float32)
-
-    def put(array: np.ndarray) -> jax.Array:
-        return jnp.asarray(array, dtype=dtype)
-
-    def norm(name: str, size: int) -> jax.Array:
-        return jnp.asarray(1.0 + get(name, (size,)), dtype=jnp.float32)
-
-    layers = []
-    for i in range(c.num_layers):
-        p = f"{prefix}layers.{i}."
-        wq = get(p + "self_attn.q_proj.weight", (q_out, c.hidden_size))
-        wk = get(p + "self_attn.k_proj.weight", (kv_out, c.hidden_size))
-        wv = get(p + "self_attn.v_proj.weight", (kv_out, c.hidden_size))
-        gate = get(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size))
-        up = get(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size))
-        layers.append(Gemma3LayerParams(
-            attn_norm=norm(p + "input_layernorm.weight", c.hidden_size),
-            w_qkv=put(np.concatenate([wq, wk, wv], axis=0).T),
-            q_norm=norm(p + "self_attn.q_norm.weight", c.head_dim),
-            k_norm=norm(p + "self_attn.k_norm.weight", c.head_dim),
-            w_o=put(get(p + "self_attn.o_proj.weight", (c.hidden_size, q_out)).T),
-            post_attn_norm=norm(p + "post_attention_layernorm.weight", c.hidden_size),
-            mlp_norm=norm(p + "pre_feedforward_layernorm.weight", c.hidden_size),
-            w_gate_up=put(np.concatenate([gate, up], axis=0).T),
-            w_down=put(get(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size)).T),
-            post_mlp_norm=norm(p + "post_feedforward_layernorm.weight", c.hidden_size),
-        ))
+    layer = {
+        "input_layernorm.weight": (c.hidden_size,),
+        "self_attn.q_proj.weight": (q_out, c.hidden_size),
+        "self_attn.k_proj.weight": (kv_out, c.hidden_size),
+        "self_attn.v_proj.weight": (kv_out, c.hidden_size),
+        "self_attn.q_norm.weight": (c.head_dim,),
+        "self_attn.k_norm.weight": (c.head_dim,),
+        "self_attn.o_proj.weight": (c.hidden_size, q_out),
+        "post_attention_layernorm.weight": (c.hidden_size,),
+        "pre_feedforward_layernorm.weight": (c.hidden_size,),
+        "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        "post_feedforward_layernorm.weight": (c.hidden_size,),
+    }
     lm_head = None
     if not c.tie_word_embeddings:
-        name = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
-        lm_head = put(get(name, (c.vocab_size, c.hidden_size)).T)
-    return Gemma3Params(
-        embed=put(get(prefix + "embed_tokens.weight", (c.vocab_size, c.hidden_size))),
-        layers=tuple(layers),
-        final_norm=norm(prefix + "norm.weight", c.hidden_size),
-        lm_head=lm_head,
+        lm_head = "language_model.lm_head.weight" if prefix == "language_model.model." else "lm_head.weight"
+    names = HFNames(prefix, tuple(layer), lm_head)
+    shapes = {names.embed: (c.vocab_size, c.hidden_size), names.final_norm: (c.hidden_size,)}
+    if lm_head is not None:
+        shapes[lm_head] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        shapes.update({names.layer_names(i)[short]: shape for short, shape in layer.items()})
+    check_tensors(state_dict, shapes)
+    return names
+
+
+def _norm(weight: Any) -> Any:
+    """Gemma's norm scale: 1 + weight, in float32 (numpy or jax)."""
+    return 1.0 + weight.astype(np.float32)
+
+
+def layer_from_hf(config: Gemma3Config, hf: Mapping[str, Any], kv_heads: int, dtype: Any) -> Gemma3LayerParams:
+    """One layer in the engine's layout from its Hugging Face tensors (short names, as ``hf_names``):
+    projections in ``dtype``, grouped as ``engine_jax.model``'s; norms float32. numpy in, numpy out,
+    or jax arrays (also inside jit)."""
+    c = config
+
+    def proj(name: str) -> Any:
+        return hf[f"self_attn.{name}_proj.weight"]
+
+    w_qkv = fuse_qkv(proj("q"), proj("k"), proj("v"), c.num_kv_heads, kv_heads, c.head_dim).transpose(3, 0, 1, 2)
+    return Gemma3LayerParams(
+        attn_norm=_norm(hf["input_layernorm.weight"]),
+        w_qkv=cast(w_qkv, dtype),
+        q_norm=_norm(hf["self_attn.q_norm.weight"]),
+        k_norm=_norm(hf["self_attn.k_norm.weight"]),
+        w_o=cast(proj("o").T, dtype),
+        post_attn_norm=_norm(hf["post_attention_layernorm.weight"]),
+        mlp_norm=_norm(hf["pre_feedforward_layernorm.weight"]),
+        w_gate_up=cast(stack_gate_up(hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]), dtype),
+        w_down=cast(hf["mlp.down_proj.weight"].T, dtype),
+        post_mlp_norm=_norm(hf["post_feedforward_layernorm.weight"]),
     )
+
+
+def params_from_hf(config: Gemma3Config, embed: Any, final_norm: Any, lm_head: Any | None,
+                   layers: tuple[Gemma3LayerParams, ...], dtype: Any) -> Gemma3Params:
+    """The whole tree from the top-level Hugging Face tensors and the built layers."""
+    return Gemma3Params(embed=cast(embed, dtype), layers=layers, final_norm=_norm(final_norm),
+                        lm_head=None if lm_head is None else cast(lm_head.T, dtype))
 
 
 def rope_inv_freq(config: Gemma3Config) -> np.ndarray:
@@ -274,7 +301,7 @@ def forward(
     """Runs the decoder over ``batch``: writes K/V and positions into ``cache``; float32 logits ``[O, vocab]``."""
     c = config
     num_tokens = batch.tokens.shape[0]
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    q_size = c.num_heads * c.head_dim
     scale = c.query_pre_attn_scalar ** -0.5
 
     freqs = batch.positions.astype(jnp.float32)[None, :, None] * inv_freq[:, None, :]  # [2, T, d/2]
@@ -290,10 +317,10 @@ def forward(
     for layer, lp in enumerate(params.layers):
         kind = c.layer_types[layer]
         h = _rms_norm(x, lp.attn_norm, c.rms_norm_eps)
-        qkv = h @ lp.w_qkv
-        q = qkv[:, :q_size].reshape(num_tokens, c.num_heads, c.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = qkv[:, q_size + kv_size:].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        qkv = jnp.einsum("th,hkgd->tkgd", h, lp.w_qkv)  # [T, kv_heads, group + 2, head_dim]
+        group = qkv.shape[2] - 2
+        q = qkv[:, :, :group].reshape(num_tokens, c.num_heads, c.head_dim)
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]
         cos, sin = rope[kind]
         q = _apply_rope(_rms_norm(q, lp.q_norm, c.rms_norm_eps), cos, sin)
         k = _apply_rope(_rms_norm(k, lp.k_norm, c.rms_norm_eps), cos, sin)
@@ -311,9 +338,8 @@ def forward(
         h = attn.reshape(num_tokens, q_size).astype(x.dtype) @ lp.w_o
         x = x + _rms_norm(h, lp.post_attn_norm, c.rms_norm_eps)
         h = _rms_norm(x, lp.mlp_norm, c.rms_norm_eps)
-        gate_up = h @ lp.w_gate_up
-        gate, up = gate_up[:, :c.intermediate_size], gate_up[:, c.intermediate_size:]
-        h = (jax.nn.gelu(gate, approximate=True) * up) @ lp.w_down
+        gate_up = jnp.einsum("th,hci->tci", h, lp.w_gate_up)
+        h = (jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]) @ lp.w_down
         x = x + _rms_norm(h, lp.post_mlp_norm, c.rms_norm_eps)
 
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), slot_valid=slot_valid, positions=kv_positions)

@@ -294,8 +294,6 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<gguf>") -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, float32 array)`` for every weight, one at a time (bounded memory)."""
-    from gguf.quants import dequantize
-
     supported = _supported_types()
     arch = _field(reader, "general.architecture")
     permute = config["model_type"] in _PERMUTED_ARCHITECTURES
@@ -312,10 +310,9 @@ def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<
                 f"{path}: tensor {t.name!r} uses unsupported quantization {t.tensor_type.name} "
                 f"(supported: {', '.join(_TYPE_NAMES)})"
             )
-        array = dequantize(t.data, t.tensor_type)
         # llama.cpp lists dims fastest-first; numpy order is the reverse
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        array = np.array(array, dtype=np.float32).reshape(shape)  # copy: detach from the file's memmap
+        array = _dequantize(t.data, t.tensor_type, shape)
         if permute and ".self_attn.q_proj." in name:
             array = unpermute_qk(array, config["num_attention_heads"])
         elif permute and ".self_attn.k_proj." in name:
@@ -323,6 +320,22 @@ def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<
         if arch in _NORM_PLUS_ONE and name.endswith("norm.weight"):
             array -= 1.0
         yield name, array
+
+
+_CHUNK_ELEMENTS = 4 * 1024 * 1024  # dequantized per call: bounds the temporaries of large tensors
+
+
+def _dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 array (detached from the file's memmap), dequantized a block of rows at a time."""
+    from gguf.quants import dequantize
+
+    out = np.empty(shape, np.float32)
+    rows = data if data.ndim > 1 else data[None]
+    flat = out.reshape(rows.shape[0], -1)
+    step = max(1, _CHUNK_ELEMENTS // max(flat.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        flat[start:start + step] = dequantize(rows[start:start + step], qtype).reshape(flat[start:start + step].shape)
+    return out
 
 
 def read_gguf_header(path: str | Path) -> tuple[Any, dict[str, Any], Tokenizer]:

@@ -57,16 +57,19 @@ def pages_for_budget(config: ModelConfig, page_size: int, dtype: jnp.dtype, memo
     return count
 
 
-def create_kv_cache(
-    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, with_positions: bool = False
-) -> KVCache:
-    """A zeroed pool with every slot invalid (and slot positions when ``with_positions``)."""
+def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype,
+                    with_positions: bool = False, kv_sharding: jax.sharding.Sharding | None = None,
+                    slot_sharding: jax.sharding.Sharding | None = None) -> KVCache:
+    """A zeroed pool with every slot invalid (and slot positions when ``with_positions``); K/V
+    and the per-slot arrays placed by the shardings when given (tensor parallel: K/V split over
+    KV heads, the valid bits and positions whole on every device)."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    slots = (num_pages, page_size)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        slot_valid=jnp.zeros((num_pages, page_size), jnp.bool_),
-        positions=jnp.zeros((num_pages, page_size), jnp.int32) if with_positions else None,
+        k=tuple(jnp.zeros(shape, dtype, device=kv_sharding) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype, device=kv_sharding) for _ in range(config.num_layers)),
+        slot_valid=jnp.zeros(slots, jnp.bool_, device=slot_sharding),
+        positions=jnp.zeros(slots, jnp.int32, device=slot_sharding) if with_positions else None,
     )
 
 
@@ -103,7 +106,9 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
-    def alloc(self, n: int) -> list[int]:
+    def alloc(self, n: int, near: int | None = None) -> list[int]:
+        """``n`` fresh page ids. ``near`` (a page id) asks for pages on the same devices as that
+        page: it matters to a pool over data-parallel replicas (``engine_jax.replicas``), not here."""
         if n < 0:
             raise EngineInputError(f"cannot allocate a negative number of pages ({n})")
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Any, Sequence, TextIO
 EXIT_OK = 0
 EXIT_INSTANCE_FAILED = 1
 EXIT_USAGE = 2
+# 3: a process of a multi-host engine died (pie_runtime.options.EXIT_PROCESS_LOST)
 
 EPILOG = """\
 inferlet arguments:
@@ -46,18 +47,26 @@ child instances:
   .wasm, .py or .js like PROGRAM), by NAME. Children are terminated when their
   parent ends; what they send is printed prefixed with "[CHILD-ID] ".
 
-exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
+devices:
+  --tensor-parallel N shards the model over N devices, --data-parallel M runs
+  M replicas; with --coordinator/--num-processes/--process-id the same
+  command on every host runs one engine over all their devices (process 0
+  runs the inferlet; the others serve its engine steps until it ends).
+{examples}
+exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error,
+3 when a process of a multi-host engine died (in-flight work failed).
 """
 
 
 def _parser() -> argparse.ArgumentParser:
+    from engine_jax.options import EXAMPLES
     from pie_runtime.options import add_engine_options, add_runtime_options, positive_int
 
     p = argparse.ArgumentParser(
         prog="pie-run",
         description="Run an inferlet (a Pie WebAssembly program) against a model on this machine, "
                     "or on a pie-serve server with --server.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(examples=EXAMPLES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("program", help="inferlet component (.wasm), inferlet source (.py, .js: built on the fly), "
@@ -182,6 +191,20 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
     except SystemExit as e:  # argparse exits on --help and on errors
         return int(e.code or 0)
     console = _Console(stdout, stderr, args.quiet)
+    if args.server is None:
+        from pie_runtime.options import engine_options, follow
+
+        try:
+            engine_options(args)
+        except ValueError as e:
+            console.error(f"pie-run: {e}")
+            return EXIT_USAGE
+        if args.process_id != 0:  # a follower of a multi-host engine: no inferlet runs here
+            try:
+                return follow(args, console.log, console.error, "pie-run")
+            except Exception as e:  # noqa: BLE001 - unknown model, bad options: say so and stop
+                console.error(f"pie-run: cannot load model {args.model}: {e}")
+                return EXIT_USAGE
 
     with tempfile.TemporaryDirectory(prefix="pie-run-") as scratch:
         return _main(args, inferlet_argv, console, stdin, stdout, Path(scratch))
@@ -236,7 +259,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     from pie_runtime.errors import PieError
     from pie_runtime.instance import Instance
     from pie_runtime.messaging import ClientChannel
-    from pie_runtime.options import instance_limits, load_engine, start_runtime
+    from pie_runtime.options import EXIT_PROCESS_LOST, exit_now, instance_limits, load_engine, start_runtime
     from pie_runtime.wasm_host import Program
 
     cache = default_cache()
@@ -250,18 +273,26 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         except PieError as e:
             console.error(f"pie-run: {name}: {e.message}")
             return EXIT_USAGE
+    instances: list[Instance] = []
+    lost: list[str] = []
+
+    def on_lost(message: str) -> None:  # a process of a multi-host engine died
+        lost.append(message)
+        console.error(f"pie-run: {message}")
+        for inst in list(instances):
+            inst.terminate(message)
+
     try:
-        loaded, engine = load_engine(args, console.log, "pie-run")
+        built = load_engine(args, console.log, "pie-run", on_lost)
     except Exception as e:  # noqa: BLE001 - unknown model, bad files: say so and stop
         console.error(f"pie-run: cannot load model {args.model}: {e}")
         return EXIT_USAGE
 
-    runtime = start_runtime(args, loaded, engine, guest_output=console.guest_output, programs=registered)
-    core, host = runtime.core, runtime.host
+    runtime = start_runtime(args, built, guest_output=console.guest_output, programs=registered)
+    host = runtime.host
     limits = instance_limits(args)
     many = args.instances > 1
 
-    instances: list[Instance] = []
     for k in range(args.instances):
         prefix = f"[{k}] " if many else ""
         client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
@@ -279,8 +310,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         outcomes = [inst.wait() for inst in instances]
     finally:
         wall = time.perf_counter() - started
-        stats = core.stats
-        core.stop()
+        stats = runtime.core.stats
+        runtime.stop()
         _restore_sigint(previous_handler)
 
     failed = 0
@@ -292,6 +323,8 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
             failed += 1
             console.error(f"pie-run: {prefix}{outcome.status}: {outcome.error}")
     _summary(console, outcomes, stats, wall, many)
+    if lost:
+        exit_now(EXIT_PROCESS_LOST)
     return EXIT_OK if failed == 0 else EXIT_INSTANCE_FAILED
 
 

@@ -1,27 +1,30 @@
 """The engine and runtime options `pie-run` and `pie-serve` share, and what they build from them.
 
-Both commands take the same flags for the model, the KV pool, batching, the
-hints inferlets get and the limits they run under; `pie-serve` also reads
-them from a TOML file (the keys are the flag names without the dashes, see
+Both commands take the same flags for the model and the devices it runs on
+(`engine_jax.options`: --model, the KV pool, --tensor-parallel,
+--data-parallel and the multi-host flags), batching, the hints inferlets
+get and the limits they run under; `pie-serve` also reads them from a TOML
+file (the keys are the flag names without the dashes, see
 `pie_runtime.server.config`). One definition here keeps the two in step.
+
+With several processes (--num-processes), process 0 runs the front end;
+the others only `follow` it (run its engine steps) and exit with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from engine_jax.options import positive_int
+
 BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
 QUEUE_AHEAD = {"auto": None, "on": True, "off": False}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+# Exit status of either command when a process of a multi-host engine died (in-flight work failed).
+EXIT_PROCESS_LOST = 3
 
 
 def positive_float(text: str) -> float:
@@ -32,17 +35,19 @@ def positive_float(text: str) -> float:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """--model, the KV pool and the batching policy."""
-    from engine_jax.registry import DEFAULT_MODEL
+    """The model and its devices (``engine_jax.options.add_arguments``) and the batching policy."""
+    from engine_jax.options import add_arguments
 
-    g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or path (HF directory, .gguf, converted model); default {DEFAULT_MODEL}")
-    g.add_argument("--page-size", type=positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
-    g.add_argument("--kv-pages", type=positive_int, default=None, metavar="N",
-                   help="KV pages in the pool (default: the engine's choice)")
+    g = add_arguments(p)
     g.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
                    help="batching policy of the serving core (default adaptive)")
+
+
+def engine_options(opts: argparse.Namespace) -> Any:
+    """The ``engine_jax.options.EngineOptions`` of parsed flags (ValueError names a bad one)."""
+    from engine_jax.options import EngineOptions
+
+    return EngineOptions.from_args(opts)
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -78,40 +83,62 @@ def instance_limits(opts: argparse.Namespace) -> Any:
 class Runtime:
     """A model loaded, its engine and serving core running, and the Wasm host bound to them."""
 
-    loaded: Any  # engine_jax.loader.LoadedModel
-    engine: Any  # engine_jax.engine.Engine
+    built: Any  # engine_jax.options.BuiltEngine: the model and its engine (and this process's part)
     core: Any  # pie_runtime.serving.ServingCore
     host: Any  # pie_runtime.wasm_host.Host
 
+    @property
+    def loaded(self) -> Any:  # engine_jax.loader.LoadedModel
+        return self.built.model
+
+    @property
+    def engine(self) -> Any:  # an Engine, or a ReplicatedEngine with --data-parallel
+        return self.built.engine
+
     def stop(self) -> None:
+        """Stops the serving core; a multi-host leader then lets its followers exit."""
         self.core.stop()
+        self.built.close()
 
 
-def load_engine(opts: argparse.Namespace, log: Callable[[str], None], prog: str) -> tuple[Any, Any]:
-    """Reads the model named by --model and builds its engine (logging progress)."""
-    from engine_jax.engine import Engine
-    from engine_jax.loader import load_model
+def load_engine(opts: argparse.Namespace, log: Callable[[str], None], prog: str,
+                on_lost: Callable[[str], None] | None = None) -> Any:
+    """Joins the process group (multi-host), reads the model named by --model onto its devices and
+    builds its engine, logging progress; an ``engine_jax.options.BuiltEngine``. ``on_lost(message)``
+    runs once if a process of a multi-host engine dies (see ``engine_jax.options.build_engine``)."""
+    from engine_jax.options import build_engine
 
-    log(f"{prog}: loading model {opts.model} ...")
-    started = time.perf_counter()
-    loaded = load_model(opts.model)
-    log(f"{prog}: read {loaded.name} ({loaded.config.architecture}, vocab {loaded.config.vocab_size}, "
-        f"{loaded.config.num_layers} layers) in {time.perf_counter() - started:.1f}s; preparing engine ...")
-    engine = Engine(loaded, page_size=opts.page_size, num_pages=opts.kv_pages)
-    log(f"{prog}: engine ready in {time.perf_counter() - started:.1f}s "
-        f"({engine.num_pages} KV pages of {engine.page_size} slots)")
-    return loaded, engine
+    return build_engine(engine_options(opts), log=lambda text: log(f"{prog}: {text}"), on_lost=on_lost)
 
 
-def start_runtime(opts: argparse.Namespace, loaded: Any, engine: Any, *, guest_output: Any,
-                  programs: Sequence[Any] = ()) -> Runtime:
-    """Starts the serving core on `engine` and binds a host to it, with `programs` registered."""
+def start_runtime(opts: argparse.Namespace, built: Any, *, guest_output: Any, programs: Sequence[Any] = ()) -> Runtime:
+    """Starts the serving core on the built engine and binds a host to it, with `programs` registered."""
     from pie_runtime.serving import ServingCore
     from pie_runtime.wasm_host import Host, ServedModel
 
-    core = ServingCore(engine, policy=opts.batching).start()
-    served = ServedModel(loaded.name, engine, core, QUEUE_AHEAD[opts.queue_ahead], opts.decode_run)
+    core = ServingCore(built.engine, policy=opts.batching).start()
+    served = ServedModel(built.model.name, built.engine, core, QUEUE_AHEAD[opts.queue_ahead], opts.decode_run)
     host = Host([served], guest_output=guest_output)
     for program in programs:
         host.register_program(program)
-    return Runtime(loaded, engine, core, host)
+    return Runtime(built, core, host)
+
+
+def follow(opts: argparse.Namespace, log: Callable[[str], None], error: Callable[[str], None], prog: str) -> int:
+    """A follower process of a multi-host engine (--process-id > 0): builds its part of the engine
+    and runs process 0's engine steps until process 0 ends (0), or exits at once with
+    EXIT_PROCESS_LOST when process 0 is gone. Raises what ``load_engine`` raises."""
+    built = load_engine(opts, log, prog)
+    log(f"{prog}: process {opts.process_id} of {opts.num_processes} following process 0 ...")
+    if built.follow():
+        error(f"{prog}: process {opts.process_id}: the leader (process 0) is gone; exiting")
+        exit_now(EXIT_PROCESS_LOST)
+    log(f"{prog}: process {opts.process_id}: the leader finished")
+    return 0
+
+
+def exit_now(code: int) -> None:
+    """Exits at once: the distributed runtime's orderly shutdown would wait for (or abort on) a dead peer."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -17,6 +17,7 @@ Released pages go back to the pool only while no step is in flight (see
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -202,8 +203,9 @@ class Scheduler:
         self.cv.notify_all()
         return futures
 
-    def alloc_pages(self, count: int) -> list[int]:
-        """Takes `count` pages from the engine's pool, all or nothing;
+    def alloc_pages(self, count: int, near: int | None = None) -> list[int]:
+        """Takes `count` pages from the engine's pool, all or nothing, on the
+        devices of physical page `near` if given (data-parallel replicas);
         released pages are flushed first when that helps.
 
         Safe while a step is in flight (called with the lock held, which the
@@ -219,7 +221,7 @@ class Scheduler:
                 f"KV pool has {pool.num_free} free pages of {pool.num_pages}; {count} requested"
             )
         try:
-            return list(pool.alloc(count))
+            return list(pool.alloc(count, near=near))
         except EngineInputError as exc:  # OutOfPages
             raise PieError.out_of_memory(str(exc)) from exc
 
@@ -343,7 +345,8 @@ class Scheduler:
 
     def _exclusive(self, instance_id: str, vid: int) -> int:
         before = self.pages.physical(instance_id, vid)
-        after = self.pages.ensure_exclusive(instance_id, vid, self.alloc_pages, self.engine.copy_page)
+        alloc = functools.partial(self.alloc_pages, near=before)  # the copy goes where the page is
+        after = self.pages.ensure_exclusive(instance_id, vid, alloc, self.engine.copy_page)
         if after != before:
             self.stats.pages_copied_on_write += 1
         return after

@@ -16,6 +16,7 @@ back into the core (they run on the engine thread: keep them short).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -284,7 +285,10 @@ class Queue:
         _check_u32("count", count)
         with self._core._cv:
             self._check_open()
-            return self._pages.allocate(self.instance_id, count, self._core._scheduler.alloc_pages)
+            # Next to a page the instance holds: data-parallel replicas keep an instance on one.
+            near = next(iter(self._pages.instance(self.instance_id).table.values()), None)
+            alloc = functools.partial(self._core._scheduler.alloc_pages, near=near)
+            return self._pages.allocate(self.instance_id, count, alloc)
 
     def free_pages(self, pages: Sequence[int]) -> None:
         """Releases pages after the earlier commands on this queue; the ids are

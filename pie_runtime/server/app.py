@@ -42,6 +42,7 @@ class ServerState:
         self.version = SERVER_VERSION
         self.phase = "starting"
         self.failure: str | None = None
+        self.process_lost = False  # a process of the multi-host engine died: the server exits (3)
         self.started_at = time.time()
         self.max_message_bytes = MAX_MESSAGE_BYTES
         self.runtime: Any = None  # pie_runtime.options.Runtime
@@ -71,9 +72,9 @@ class ServerState:
         self.completion_program = load_program_file("openai-completion", COMPLETION_PROGRAM, allow)
         for name, ref in s.expose.items():
             self.exposed[name] = programs.named_or_file(name, ref)
-        loaded, engine = load_engine(s, log.info, "pie-serve")
-        warm_up(engine, s.warmup_batches, s.warmup_prompts, log.info)
-        runtime = start_runtime(s, loaded, engine, guest_output=self._guest_output, programs=programs.registered())
+        built = load_engine(s, log.info, "pie-serve", on_lost=self._process_lost)
+        warm_up(built.engine, s.warmup_batches, s.warmup_prompts, log.info)
+        runtime = start_runtime(s, built, guest_output=self._guest_output, programs=programs.registered())
         self.registry = InstanceRegistry(
             runtime.host, instance_limits=instance_limits(s), max_instances=s.max_instances,
             max_tenant_instances=s.max_tenant_instances, event_buffer_bytes=s.event_buffer_kb * 1024,
@@ -81,6 +82,15 @@ class ServerState:
         self.programs = programs
         self.runtime = runtime
         self.phase = "ready"
+
+    def _process_lost(self, message: str) -> None:
+        """A process of the multi-host engine died: every instance fails, and the server exits."""
+        log.error("pie-serve: %s", message)
+        self.failure = message
+        self.process_lost = True
+        self.phase = "failed"
+        if self.registry is not None:
+            self.registry.terminate_all(message)
 
     def _guest_output(self, instance_id: str, stream: str, text: str) -> None:
         self.registry.guest_output(instance_id, stream, text)
@@ -100,7 +110,7 @@ class ServerState:
         if self.phase != "ready":
             reason = {"starting": "the server is starting (the model is loading)",
                       "draining": "the server is shutting down",
-                      "failed": f"the server failed to start: {self.failure}"}[self.phase]
+                      "failed": f"the server failed: {self.failure}"}[self.phase]
             raise ProtocolError("unavailable", reason)
         return self
 

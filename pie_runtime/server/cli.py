@@ -4,6 +4,10 @@ uvicorn runs the ASGI app. Its signal handling is replaced by a drain: the
 first SIGTERM/SIGINT stops admission (`/health` answers 503, launches are
 refused), lets running instances finish for up to `--drain-seconds`, then
 terminates what is left and exits 0. A second signal skips the wait.
+
+With several processes (--num-processes), process 0 serves and the others
+only follow it (`pie_runtime.options.follow`); when one of them dies, the
+server terminates every instance with that error and exits with status 3.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Sequence
 
 import uvicorn
 
+from pie_runtime.options import EXIT_PROCESS_LOST, exit_now, follow
 from pie_runtime.server.app import create_app
 from pie_runtime.server.config import ConfigError, parse_settings
 
@@ -86,7 +91,7 @@ class PieServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.state.phase == "failed":
-            self.exit_code = EXIT_FAILED
+            self.exit_code = EXIT_PROCESS_LOST if self.state.process_lost else EXIT_FAILED
             return True
         return await super().on_tick(counter)
 
@@ -111,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help, or a usage error it has printed
         return int(e.code or 0)
     _configure_logging(settings.log_level)
+    if settings.process_id != 0:  # a follower of a multi-host engine: process 0 serves
+        try:
+            return follow(settings, log.info, log.error, "pie-serve")
+        except Exception as e:  # noqa: BLE001 - unknown model, bad options: say so and stop
+            log.error("pie-serve: cannot load model %s: %s", settings.model, e)
+            return EXIT_USAGE
     if settings.tokens is None:
         log.info("pie-serve: no --auth: listening on %s only; every client is tenant 'default'", settings.host)
     app = create_app(settings)
@@ -119,9 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             timeout_graceful_shutdown=TERMINATE_GRACE_SECONDS)
     server = PieServer(config, app.state.pie)
     server.run()
+    code = server.exit_code
     if app.state.pie.phase == "failed":
-        return EXIT_FAILED
-    return server.exit_code
+        code = EXIT_PROCESS_LOST if app.state.pie.process_lost else EXIT_FAILED
+    if code and settings.num_processes > 1:
+        exit_now(code)  # the distributed runtime's orderly shutdown would wait for (or abort on) a dead peer
+    return code
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from pie_runtime.options import add_engine_options, add_runtime_options, positive_float, positive_int
+from pie_runtime.options import add_engine_options, add_runtime_options, engine_options, positive_float, positive_int
 
 SECTIONS = ("server", "engine", "runtime", "limits", "openai")
 DEFAULT_TENANT = "default"
@@ -52,6 +52,12 @@ examples:
   pie-serve                                   # default model on 127.0.0.1:8080
   pie-serve --config pie.toml --port 9000
   pie-serve --auth tokens.toml --host 0.0.0.0 --expose haiku=haiku.wasm
+  pie-serve --tensor-parallel 4               # the model sharded over 4 devices
+
+devices: --tensor-parallel, --data-parallel and the multi-host flags as pie-run's.
+  With --num-processes P, run the same command on every host: process 0 serves,
+  the others run its engine steps and exit with it; if one of them dies, the
+  server fails its in-flight work and exits with status 3.
 """
 
 
@@ -196,6 +202,10 @@ def check_settings(s: argparse.Namespace) -> None:
     s.warmup_prompts = int_list(s.warmup_prompts, "--warmup-prompts")
     s.expose = dict(_name_value(spec, "--expose") for spec in s.expose)
     s.tokens = read_tokens(Path(s.auth)) if s.auth is not None else None
+    try:
+        engine_options(s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -42,19 +42,22 @@ def warm_up(engine: Any, batch_sizes: Sequence[int], prompt_lengths: Sequence[in
     Returns how many steps ran."""
     from tqdm import tqdm
 
-    shapes = warmup_shapes(engine, batch_sizes, prompt_lengths)
+    # Data-parallel replicas (engine_jax.replicas) each compile their own steps (their own devices).
+    replicas = getattr(engine, "replicas", [engine])
+    shapes = [(replica, *shape) for replica in replicas
+              for shape in warmup_shapes(replica, batch_sizes, prompt_lengths)]
     if not shapes:
         return 0
     started = time.perf_counter()
     bar = tqdm(shapes, desc="pie-serve: compiling step shapes", unit="shape", file=sys.stderr)
-    for kind, requests, tokens, pages, length, temperature in bar:
+    for target, kind, requests, tokens, pages, length, temperature in bar:
         bar.set_postfix_str(f"{kind} {requests}x{pages} pages")
-        ids = engine.pool.alloc(requests * pages)
+        ids = target.pool.alloc(requests * pages)
         try:
-            engine.step([_request(ids[r * pages:(r + 1) * pages], tokens, length, engine.page_size, temperature)
+            target.step([_request(ids[r * pages:(r + 1) * pages], tokens, length, target.page_size, temperature)
                          for r in range(requests)])
         finally:
-            engine.pool.free(ids)
+            target.pool.free(ids)
     bar.close()
     log(f"pie-serve: compiled {len(shapes)} step shapes in {time.perf_counter() - started:.1f}s")
     return len(shapes)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from engine_jax.config import ModelConfig
-from engine_jax.model import WeightError, params_from_state_dict, rope_inv_freq
+from engine_jax.families import params_from_state_dict
+from engine_jax.model import WeightError, rope_inv_freq
 from engine_jax.weights import CheckpointError, load_hf_checkpoint, read_safetensors
 from tests.helpers.hf_models import FAMILIES, build_model_dir
 

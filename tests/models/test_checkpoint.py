@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -108,3 +109,47 @@ def test_convert_rejects_bad_sources(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         convert(tmp_path / "d", tmp_path / "out", progress=False)
+
+
+def test_conversion_streams_in_batches_and_reports_peak_memory(small_model_dir, tmp_path, capsys):
+    """256 MiB of float32 tensors, produced one at a time, stored as bfloat16 in 32 MiB batches:
+    the process's extra anonymous memory stays far below the model's size, and is printed."""
+    from engine_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_directory(small_model_dir("llama"))
+    count, size = 16, 4 * 2**20  # 16 tensors of 16 MiB in float32
+
+    def tensors():
+        for i in range(count):
+            yield f"t{i}", np.full(size, i, np.float32)
+
+    out = save_converted(tmp_path / "big", {"model_type": "llama"}, tensors(), tokenizer, total=count,
+                         dtype="bfloat16", batch_bytes=32 * 2**20)
+    err = capsys.readouterr().err
+    assert "peak host memory" in err and "bfloat16" in err
+    info = checkpoint.read_info(out)
+    assert info["format"] == checkpoint.FORMAT_VERSION and info["dtypes"] == ["bfloat16"]
+    assert info["peak_host_bytes"] < count * size * 4 // 2, info["peak_host_bytes"]  # < half the float32 model
+    state = restore_converted(out).state_dict
+    assert sorted(state) == sorted(f"t{i}" for i in range(count))
+    assert str(state["t7"].dtype) == "bfloat16" and float(state["t7"][123]) == 7.0
+
+
+def test_format_1_caches_are_still_read(tiny_gguf, tmp_path):
+    """Caches written before the streaming conversion (the tree directly in state/) restore."""
+    import orbax.checkpoint as ocp
+
+    path, _ = tiny_gguf
+    out = convert(path, tmp_path / "conv", progress=False)
+    tree = out / checkpoint.STATE_DIR / checkpoint.PYTREE_DIR
+    state = restore_converted(out).state_dict
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns(checkpoint.STATE_DIR))
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(old / checkpoint.STATE_DIR, state)
+    info = json.loads((old / checkpoint.MARKER).read_text())
+    (old / checkpoint.MARKER).write_text(json.dumps({**info, "format": 1}))
+    assert tree.is_dir()
+    restored = restore_converted(old).state_dict
+    for name, expected in state.items():
+        np.testing.assert_array_equal(restored[name], expected)

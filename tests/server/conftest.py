@@ -8,6 +8,7 @@ threads, open files), not what a program says about itself.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -31,6 +32,8 @@ KV_PAGES = 256
 TOKENS = {"alice": "sk-alice-0123456789abcdef", "bob": "sk-bob-0123456789abcdef0"}
 READY = re.compile(r"ready on (http://[0-9.]+:\d+)")
 START_TIMEOUT = 300.0
+PROMPT = "The capital of France is"
+MAX_TOKENS = 12
 
 
 @dataclass
@@ -96,8 +99,9 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def start_server(model_dir: Path, workdir: Path, *extra: str, tokens: dict[str, str] | None = TOKENS) -> RunningServer:
-    """Starts pie-serve on a free port and waits for its ready line."""
+def start_server(model_dir: Path, workdir: Path, *extra: str, tokens: dict[str, str] | None = TOKENS,
+                 env: dict[str, str] | None = None) -> RunningServer:
+    """Starts pie-serve on a free port (with ``env`` added to its environment) and waits for its ready line."""
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pie_runtime.server.cli", "--model", str(model_dir), "--port", "0",
            "--page-size", str(PAGE_SIZE), "--kv-pages", str(KV_PAGES), "--warmup-batches", "", "--warmup-prompts", ""]
@@ -106,7 +110,7 @@ def start_server(model_dir: Path, workdir: Path, *extra: str, tokens: dict[str, 
         tokens_file.write_text("[tokens]\n" + "".join(f'"{t}" = "{n}"\n' for n, t in tokens.items()))
         cmd += ["--auth", str(tokens_file)]
     log_path = workdir / "server.log"
-    env = {**os.environ, "PIE_HOME": str(TEST_PIE_HOME), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PIE_HOME": str(TEST_PIE_HOME), "PYTHONPATH": str(REPO), **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen([*cmd, *extra], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     deadline = time.monotonic() + START_TIMEOUT
@@ -127,6 +131,17 @@ def start_server(model_dir: Path, workdir: Path, *extra: str, tokens: dict[str, 
 
 def _auth(tokens: dict[str, str] | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['alice']}"} if tokens else {}
+
+
+def pie_run_locally(model_dir: Path, component: Path, *args: str) -> str:
+    """What `pie-run` prints last (the result) for a local run of `component` (one device)."""
+    from pie_runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main([str(component), "--model", str(model_dir), "--page-size", str(PAGE_SIZE), "--kv-pages",
+                 str(KV_PAGES), "-q", "--", *args], stdin=io.StringIO(""), stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    return out.getvalue().splitlines()[-1] if out.getvalue().strip() else ""
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +166,13 @@ def openai_client(server: RunningServer) -> Any:
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.tokens["alice"], max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="package")
+def pie_run_plain(server_model_dir: Path, samples_built: Callable[[str], Path]) -> str:
+    """pie-run's greedy completion of PROMPT on one device (what the OpenAI API must answer)."""
+    return pie_run_locally(server_model_dir, samples_built("text_completion"), "--prompt", PROMPT,
+                           "--max-tokens", str(MAX_TOKENS))
 
 
 @pytest.fixture(scope="package")

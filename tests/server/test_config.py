@@ -19,6 +19,8 @@ port = 9001
 [engine]
 kv-pages = 300
 page_size = 8
+tensor-parallel = 2
+data_parallel = 2
 [runtime]
 program = ["a=a.wasm", "b=b.py"]
 [limits]
@@ -26,6 +28,7 @@ max-tenant-instances = 3
 """)
     s = parse_settings(["--config", config, "--kv-pages", "100"])
     assert (s.port, s.kv_pages, s.page_size, s.max_tenant_instances) == (9001, 100, 8, 3)
+    assert (s.tensor_parallel, s.data_parallel, s.num_processes) == (2, 2, 1)
     assert s.programs == ["a=a.wasm", "b=b.py"]
     assert s.host == "127.0.0.1" and s.tokens is None  # defaults where neither says
     assert s.warmup_batches == (1, 2, 4, 8, 16)
@@ -38,6 +41,8 @@ max-tenant-instances = 3
     ("port = [1, 2]", ["port", "single value"]),
     ("no-auth = 'yes'", ["no-auth", "true or false"]),
     ("port = ", ["not valid TOML"]),
+    ("[engine]\nnum-processes = 2", ["--num-processes > 1 needs --coordinator"]),
+    ("[engine]\ntensor-parallel = 0", ["[engine] tensor-parallel", "positive"]),
 ])
 def test_bad_config_files_name_the_setting(tmp_path, text, words):
     with pytest.raises(ConfigError) as e:
@@ -64,5 +69,6 @@ def test_no_auth_only_on_loopback_and_tokens_files_are_checked(tmp_path, capsys)
 def test_help_explains_the_endpoints(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for words in ("--config", "--auth", "--drain-seconds", "/v1/chat/completions", "/metrics", "--expose"):
+    for words in ("--config", "--auth", "--drain-seconds", "/v1/chat/completions", "/metrics", "--expose",
+                  "--tensor-parallel", "--data-parallel", "--coordinator", "--process-id"):
         assert words in out

@@ -1,4 +1,5 @@
-"""A server of its own: admission limits per tenant, and the SIGTERM drain (503, no new instances,
+"""A server of its own, tensor parallel over two forced CPU devices: the same greedy completion as
+pie-run on one device, admission limits per tenant, and the SIGTERM drain (503, no new instances,
 running ones finish until the deadline, the rest are terminated, exit status 0)."""
 
 from __future__ import annotations
@@ -8,19 +9,28 @@ import signal
 import time
 
 import httpx
+import openai
 import pytest
 
 from pie_client import PieClient, PieClientError
-from tests.server.conftest import start_server
+from tests.server.conftest import MAX_TOKENS, PROMPT, start_server
 
 DRAIN_SECONDS = 8
 
 
-def test_tenant_limit_then_drain_on_sigterm(server_model_dir, samples_built, tmp_path):
+def test_tensor_parallel_answers_like_one_device_then_limits_and_drain(server_model_dir, samples_built, tmp_path,
+                                                                       pie_run_plain):
     chat, completion = samples_built("chat"), samples_built("text_completion")
     server = start_server(server_model_dir, tmp_path, "--max-tenant-instances", "2",
-                          "--drain-seconds", str(DRAIN_SECONDS))
+                          "--drain-seconds", str(DRAIN_SECONDS), "--tensor-parallel", "2",
+                          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     try:
+        assert "tensor parallel over 2 cpu devices" in server.log()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.tokens["alice"], max_retries=0,
+                               timeout=300)
+        reply = client.completions.create(model=server.model, prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS)
+        assert reply.choices[0].text == pie_run_plain
+
         async def go():
             async with PieClient(server.ws_url, token=server.tokens["alice"]) as a, \
                     PieClient(server.ws_url, token=server.tokens["bob"]) as b:

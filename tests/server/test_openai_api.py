@@ -9,39 +9,18 @@ in OpenAI's error shape.
 
 from __future__ import annotations
 
-import io
 import json
 
 import httpx
 import openai
 import pytest
 
-from tests.server.conftest import KV_PAGES, PAGE_SIZE
-
-PROMPT = "The capital of France is"
-MAX_TOKENS = 12
-
-
-def pie_run_locally(model_dir, component, *args: str) -> str:
-    """What `pie-run` prints last (the result) for a local run of `component`."""
-    from pie_runtime.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = main([str(component), "--model", str(model_dir), "--page-size", str(PAGE_SIZE), "--kv-pages",
-                 str(KV_PAGES), "-q", "--", *args], stdin=io.StringIO(""), stdout=out, stderr=err)
-    assert code == 0, err.getvalue()
-    return out.getvalue().splitlines()[-1] if out.getvalue().strip() else ""
+from tests.server.conftest import MAX_TOKENS, PROMPT, pie_run_locally
 
 
 @pytest.fixture(scope="module")
 def pie_run_chat(server_model_dir, samples_built):
     return pie_run_locally(server_model_dir, samples_built("text_completion"), "--prompt", PROMPT, "--chat",
-                           "--max-tokens", str(MAX_TOKENS))
-
-
-@pytest.fixture(scope="module")
-def pie_run_plain(server_model_dir, samples_built):
-    return pie_run_locally(server_model_dir, samples_built("text_completion"), "--prompt", PROMPT,
                            "--max-tokens", str(MAX_TOKENS))
 
 
