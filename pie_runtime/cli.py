@@ -4,8 +4,8 @@
 
 PROGRAM is a built component (.wasm) or an inferlet source (.py, built on the
 fly with pie-build). What the inferlet sends goes to stdout, one message per
-line; lines typed on stdin are what it receives; its return value is printed
-last. Logs, progress and the run summary go to stderr, so stdout stays clean
+line (framed: see `messaging.frame_line`); lines typed on stdin are what it
+receives; its return value is printed last. Logs, progress and the run summary go to stderr, so stdout stays clean
 for pipes.
 """
 
@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
+
+from pie_runtime.messaging import frame_line
 
 EXIT_OK = 0
 EXIT_INSTANCE_FAILED = 1
@@ -116,15 +118,20 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 class _Console:
-    """Serialized writes to stdout/stderr from many instance threads."""
+    """Serialized writes to stdout/stderr from many instance threads.
+
+    Whatever an inferlet wrote (messages, results, its stdout/stderr lines)
+    is framed to exactly one line, so no instance can print a line that
+    passes for another's (or for pie-run's own)."""
 
     def __init__(self, out: TextIO, err: TextIO, quiet: bool) -> None:
         self.out, self.err, self.quiet = out, err, quiet
         self._lock = threading.Lock()
 
-    def message(self, text: str) -> None:
+    def message(self, prefix: str, text: str) -> None:
+        """One message or result of an instance: `prefix` is the server's tag, `text` the inferlet's."""
         with self._lock:
-            self.out.write(text + "\n")
+            self.out.write(prefix + frame_line(text) + "\n")
             self.out.flush()
 
     def log(self, text: str) -> None:
@@ -137,7 +144,7 @@ class _Console:
             self.err.flush()
 
     def guest_output(self, instance_id: str, stream: str, text: str) -> None:
-        self.error(f"[{instance_id} {stream}] {text}")
+        self.error(f"[{instance_id} {stream}] {frame_line(text)}")
 
 
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
@@ -298,7 +305,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     instances: list[Instance] = []
     for k in range(args.instances):
         prefix = f"[{k}] " if many else ""
-        client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
+        client = ClientChannel(on_send=lambda text, p=prefix: console.message(p, text))
         instances.append(Instance(host, component, arguments=inferlet_args, client=client,
                                   namespace=args.namespace, limits=limits, grant=grant,
                                   program_name=program_name, manifest=manifest))
@@ -321,7 +328,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     for k, outcome in enumerate(outcomes):
         prefix = f"[{k}] " if many else ""
         if outcome.ok:
-            console.message(prefix + (outcome.value or ""))
+            console.message(prefix, outcome.value or "")
         else:
             failed += 1
             console.error(f"pie-run: {prefix}{outcome.status}: {outcome.error}")

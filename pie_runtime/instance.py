@@ -23,6 +23,9 @@ concurrency), so a parent's outcome means its whole tree has ended.
 
 Whatever ends an instance (return, error, trap, limit, terminate), its
 serving-core state, subscriptions and futures are released in `finally`.
+`terminate` also releases them itself, from the terminating thread, with
+the instance's children: a guest blocked in a WASI call (a `time.sleep`),
+which wasmtime cannot interrupt, holds nothing of the server's after it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ MAX_CHILDREN = 64  # live children of one instance
 MAX_LAUNCH_DEPTH = 4  # levels of children below a client-launched instance
 # How long an ending parent waits for its terminated children to finish their teardown.
 CHILD_STOP_SECONDS = 30.0
+# How long after `terminate` an instance whose thread has not ended (it is
+# blocked in a WASI call) gets its outcome anyway; everything it held was
+# released at once by `terminate`.
+TERMINATE_GRACE_SECONDS = 0.5
 
 RUN_INTERFACE = "pie:inferlet/run@0.1.0"
 
@@ -189,6 +196,7 @@ class Instance:
         self._children_lock = threading.Lock()
         self.context.launcher = self._launch_child
         self.outcome: cf.Future[InstanceOutcome] = cf.Future()
+        self._outcome_lock = threading.Lock()
         self.launched_at: float | None = None
         self._thread: threading.Thread | None = None
         self._stop_status: str | None = None  # set by the deadline callback when it stops wasm
@@ -205,8 +213,37 @@ class Instance:
         return self
 
     def terminate(self, reason: str = "terminated by the client") -> None:
-        """Stops the instance: a host wait returns at once, running wasm within a few ticks."""
+        """Stops the instance and, from the calling thread, releases at once
+        everything it holds: its children (terminated the same way), KV
+        pages, queues, subscriptions and futures. A host wait returns at
+        once and running wasm stops within a few ticks. A thread blocked in
+        a WASI call (which wasmtime cannot interrupt) holds nothing of the
+        server's any more; its outcome ("terminated") is reported
+        `TERMINATE_GRACE_SECONDS` later if it has not ended by then, and the
+        thread ends when its call returns."""
         self.context.stop(reason)
+        for child in self._live_children():
+            child.terminate(f"its parent {self.instance_id} ended")
+        self.context.close()
+        if self._thread is not None and not self.outcome.done():
+            timer = threading.Timer(TERMINATE_GRACE_SECONDS, self._report_terminated, args=(reason,))
+            timer.daemon = True
+            timer.start()
+
+    def _report_terminated(self, reason: str) -> None:
+        if self.outcome.done():
+            return
+        self._settle(InstanceOutcome(
+            self.instance_id, "terminated",
+            error=f"instance stopped: {reason} (its thread is still in a WASI call and ends when the call returns)",
+            wall_seconds=time.perf_counter() - (self.launched_at or time.perf_counter()),
+            host_calls=self.context.host_calls))
+
+    def _settle(self, outcome: InstanceOutcome) -> None:
+        """The first outcome reported wins (the thread's own, or terminate's)."""
+        with self._outcome_lock:
+            if not self.outcome.done():
+                self.outcome.set_result(outcome)
 
     def wait(self, timeout: float | None = None) -> InstanceOutcome:
         return self.outcome.result(timeout)
@@ -264,7 +301,7 @@ class Instance:
         outcome.cpu_seconds = time.thread_time() - self._cpu_start
         outcome.wall_seconds = time.perf_counter() - wall_start
         outcome.host_calls = ctx.host_calls
-        self.outcome.set_result(outcome)
+        self._settle(outcome)
 
     # ------------------------------------------------------------------ children
     def _launch_child(self, program: str, arguments: Sequence[str]) -> cf.Future:
@@ -300,10 +337,14 @@ class Instance:
         child.start()
         return result
 
-    def _end_children(self) -> None:
-        """Terminates the children still running and waits until they have released everything."""
+    def _live_children(self) -> list["Instance"]:
         with self._children_lock:
-            children = [c for c in self.children if not c.outcome.done()]
+            return [c for c in self.children if not c.outcome.done()]
+
+    def _end_children(self) -> None:
+        """Terminates the children still running (which releases what they
+        hold at once) and waits for their outcomes."""
+        children = self._live_children()
         for child in children:
             child.terminate(f"its parent {self.instance_id} ended")
         cf.wait([child.outcome for child in children], timeout=CHILD_STOP_SECONDS)

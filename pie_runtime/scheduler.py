@@ -13,7 +13,7 @@ the lock released. If the engine still rejects a batch, its forwards run one
 by one, fully validated, so only the bad one fails.
 
 Released pages go back to the pool only while no step is in flight (see
-`resources.PageManager`), so a page is never reused while a step writes into it.
+`flush_released`), so a page is never reused while a step writes into it.
 """
 from __future__ import annotations
 
@@ -134,11 +134,6 @@ class Scheduler:
             self._thread = None
 
     @property
-    def stepping(self) -> bool:
-        """An engine step is in flight (the lock is released meanwhile)."""
-        return self._stepping
-
-    @property
     def running(self) -> bool:
         return self._thread is not None and not self._stopping
 
@@ -191,16 +186,18 @@ class Scheduler:
         return futures
 
     def alloc_pages(self, count: int) -> list[int]:
-        """Takes `count` pages from the engine's pool, all or nothing;
-        released pages are flushed first when that helps.
+        """Takes `count` pages from the engine's pool, all or nothing.
 
-        Safe while a step is in flight (called with the lock held, which the
-        engine thread does not hold during a step): the pool is thread-safe,
-        a page that is free is in no request of that step, and the engine
-        clears a fresh page's valid bits at the start of the next step,
-        before anything can read it."""
+        Called with the lock held, on any thread, also while a step is in
+        flight (the engine thread does not hold the lock during a step): a
+        page in the pool's free list is in no request of that step, and the
+        engine clears a fresh page before its next use. Pages released since
+        the last step go back to the pool only between steps (see
+        `flush_released`): when they are needed, this waits for the step in
+        flight to end."""
         pool = self.engine.pool
-        if pool.num_free < count:
+        if pool.num_free < count and self.pages.has_released():
+            self.cv.wait_for(lambda: not self._stepping)
             self.flush_released()
         if pool.num_free < count:
             raise PieError.out_of_memory(
@@ -212,8 +209,12 @@ class Scheduler:
             raise PieError.out_of_memory(str(exc)) from exc
 
     def flush_released(self) -> None:
-        """Returns pages no one holds to the pool (whose `alloc` makes the
-        engine clear their valid bits before their next use)."""
+        """Returns pages no one holds any more to the pool, between steps only:
+        a page released while a step is in flight (its holder closed mid-step)
+        may still be written by that step, so it must not reach a new owner
+        before the step has ended."""
+        if self._stepping:
+            return
         released = self.pages.take_released()
         if not released:
             return

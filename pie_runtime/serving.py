@@ -130,8 +130,7 @@ class ServingCore:
             self._scheduler.open_instances -= 1
             cancelled = self._scheduler.cancel_instance(instance_id)
             self._pages.close_instance(instance_id)
-            if not self._scheduler.stepping:  # else the engine thread flushes after its step
-                self._scheduler.flush_released()
+            self._scheduler.flush_released()  # unless a step is in flight: then the engine thread does
             self._cv.notify_all()
         error = PieError.closed(f"instance {instance_id!r} {reason}")
         for future in cancelled:

@@ -350,13 +350,19 @@ class InstanceContext:
 
         With `drain_seconds` (a normal return) the commands the instance
         already queued run first, for up to that long, so its last frees and
-        exports are not lost; after an error or a kill they are cancelled."""
+        exports are not lost; after an error or a kill they are cancelled.
+
+        Safe to call from any thread and more than once: `Instance.terminate`
+        calls it from the terminating side while the instance's own thread
+        may still be blocked in a WASI call (which wasmtime cannot
+        interrupt), and that thread calls it again when it ends. Only the
+        first call drains; every call releases what is left (a later call
+        cuts a drain in progress short)."""
         with self._states_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            states, self._states = list(self._states), {}
-        if drain_seconds > 0:
+            states = list(self._states)
+        if first and drain_seconds > 0:
             for model_name in states:
                 served = self.host.models.get(model_name)
                 if served is not None and not served.core.drain_instance(self.instance_id, drain_seconds):
@@ -642,11 +648,11 @@ def _messaging_receive(ctx, store):
 
 
 def _messaging_broadcast(ctx, store, topic, message):
-    ctx.host.broker.broadcast(topic, message)
+    ctx.host.broker.broadcast(topic, message, ctx.namespace)
 
 
 def _messaging_subscribe(ctx, store, topic):
-    sub = ctx.host.broker.subscribe(topic)
+    sub = ctx.host.broker.subscribe(topic, ctx.namespace)
     ctx.subscriptions.add(sub)
     return _own(ctx, Kind.SUBSCRIPTION, sub)
 
@@ -888,6 +894,8 @@ def _bind(fn: Callable[..., Any], returns_result: bool, name: str) -> Callable[.
         if ctx.first_call_at is None:
             ctx.first_call_at = time.perf_counter()
         try:
+            if ctx.stopped.done():  # terminated (and maybe released already): no more host work
+                raise InstanceTerminated(ctx.stopped.result())
             return fn(ctx, store, *args)
         except PieError as e:
             if returns_result:

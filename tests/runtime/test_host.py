@@ -310,8 +310,10 @@ def test_kvstore_and_broker_units():
     assert a.list_keys("k") == ["k1", "k2"] and a.delete("k1") and not a.delete("k1")
     broker = Broker()
     s1, s2 = broker.subscribe("t"), broker.subscribe("t")
+    elsewhere = broker.subscribe("t", namespace="other-user")
     f1 = s1.next()
-    assert broker.broadcast("t", "m") == 2
+    assert broker.broadcast("t", "m") == 2  # topics are namespaced
+    assert not elsewhere.next().done()
     assert f1.result(1) == "m" and s2.next().result(1) == "m"
     s1.close()
     assert broker.subscriber_count("t") == 1

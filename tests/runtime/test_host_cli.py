@@ -83,6 +83,20 @@ def test_many_instances_print_results_and_a_summary(probe_wasm, tiny_llama_dir):
     assert "batch sizes" in err
 
 
+def test_messages_are_framed_so_no_instance_can_print_another_ones_line(probe_wasm, tiny_llama_dir):
+    """A message with line breaks (or terminal escapes) prints as one escaped
+    line, always behind its sender's tag."""
+    forged = "fine\n[1] forged line\r\x1b[2K\\"
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--instances", "2",
+                              "--", "say", forged])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 4  # one message and one result per instance: nothing more
+    assert all(line[:4] in ("[0] ", "[1] ") for line in lines)
+    framed = "fine\\n[1] forged line\\r\\x1b[2K\\\\"
+    assert sorted(line for line in lines if "forged" in line) == [f"[{k}] {framed}" for k in (0, 1)]
+
+
 def test_a_failing_instance_makes_the_exit_code_nonzero(probe_wasm, tiny_llama_dir):
     code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "trap"])
     assert code == 1
