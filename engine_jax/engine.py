@@ -213,8 +213,12 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, req: ForwardRequest) -> None:
-        """Raises EngineInputError naming the offending field if ``req`` cannot run."""
+    def validate(self, req: ForwardRequest, *, check_pages: bool = True) -> None:
+        """Raises EngineInputError naming the offending field if ``req`` cannot run.
+
+        ``check_pages=False`` skips the checks of the page ids themselves (in
+        range, allocated, distinct) for a caller that checks its own ids and
+        maps them to physical pages later (the serving core)."""
         c, ps = self.config, self.page_size
         n = len(req.tokens)
         if n == 0:
@@ -234,12 +238,12 @@ class Engine:
         if len(req.pages) == 0:
             raise EngineInputError("pages is empty: the new tokens need at least one page")
         pages = _int_list(req.pages, "pages")
-        for p in pages:
+        for p in pages if check_pages else ():
             if not 0 <= p < self.num_pages:
                 raise EngineInputError(f"page id {p} is out of range 0..{self.num_pages - 1}")
             if not self.pool.is_allocated(p):
                 raise EngineInputError(f"page {p} is not allocated")
-        if len(set(pages)) != len(pages):
+        if check_pages and len(set(pages)) != len(pages):
             raise EngineInputError(f"pages contains a page more than once: {list(pages)}")
         if not isinstance(req.last_page_len, (int, np.integer)) or not 1 <= req.last_page_len <= ps:
             raise EngineInputError(f"last_page_len={req.last_page_len!r} is not in 1..{ps} (page_size)")

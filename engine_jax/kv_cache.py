@@ -122,6 +122,11 @@ class HostPages:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v) + self.valid.nbytes
 
+    def select(self, rows: Iterable[int]) -> "HostPages":
+        """These rows only, in this order."""
+        index = np.asarray(list(rows), dtype=np.int64)
+        return HostPages(tuple(a[index] for a in self.k), tuple(a[index] for a in self.v), self.valid[index])
+
 
 def _padded_ids(pages: Iterable[int], pad: int) -> np.ndarray:
     """``pages`` padded to a power of two with ``pad`` (few compiled shapes)."""

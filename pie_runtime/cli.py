@@ -39,15 +39,31 @@ examples:
   pie-run app.wasm --model ./my-hf-model --instances 16 --batching adaptive
   echo hello | pie-run echo.wasm
 
+output:
+  One line per message, then each result: a line break inside a message is
+  written as \\n, a backslash as \\\\, other control characters as \\xNN, so
+  no inferlet can print a line that passes for another's. With --instances N
+  lines start with "[K] "; a child's with "[CHILD-ID] ".
+
 capabilities:
-  An inferlet gets no files and no network unless it declares the capability
-  and you allow it: --allow net,fs:/data (fs:DIR is mounted at the same path).
+  An inferlet gets a capability only if it declares it and you allow it:
+    fs:DIR     DIR mounted read-only at the same path ("filesystem")
+    fs-rw:DIR  DIR mounted read-write ("filesystem")
+    launch     runtime.launch: start child instances ("launch")
+  Network access cannot be granted (wasmtime-py cannot limit a guest's
+  sockets to chosen addresses; --allow net is refused).
 
 child instances:
-  An inferlet that declares the "launch" capability may start children of
-  itself, or of a program registered with --program NAME=PATH (repeatable;
-  .wasm or .py like PROGRAM), by NAME. Children are terminated when their
-  parent ends; what they send is printed prefixed with "[CHILD-ID] ".
+  An inferlet allowed "launch" may start children of itself, or of a program
+  registered with --program NAME=PATH (repeatable; .wasm or .py like
+  PROGRAM), by NAME, within the launch-tree limits below. Children are
+  terminated when their parent ends.
+
+tenant limits and memory pressure:
+  KV pages are bounded per instance and per namespace; an allocation past
+  those fails, one the pool cannot serve yet waits, and the server preempts
+  (moves an instance's pages to host memory, restores them later) instead of
+  failing anyone. The summary reports waits, preemptions and time paused.
 
 exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage error.
 """
@@ -55,6 +71,7 @@ exit status: 0 when every instance returned ok, 1 when one failed, 2 on a usage 
 
 def _parser() -> argparse.ArgumentParser:
     from engine_jax.registry import DEFAULT_MODEL
+    from pie_runtime.limits import TenantLimits
     from pie_runtime.policies import DEFAULT_DECODE_RUN
 
     p = argparse.ArgumentParser(
@@ -82,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                         "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
                         f"token (default {DEFAULT_DECODE_RUN})")
     p.add_argument("--allow", default="", metavar="CAPS",
-                   help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
+                   help="capabilities the operator grants: comma list of fs:DIR (read-only), fs-rw:DIR, "
+                        "launch (default none)")
     p.add_argument("--cpu-limit", type=_positive_float, default=None, metavar="SECONDS",
                    help="CPU time limit per instance (time blocked on the model does not count)")
     p.add_argument("--memory-limit", type=_positive_int, default=1024, metavar="MB",
@@ -92,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
                    help="register another program (.wasm or .py) that instances may launch by NAME (repeatable)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors on stderr")
+    TenantLimits.add_arguments(p)
     return p
 
 
@@ -238,9 +257,13 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
 
 def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console, stdin: TextIO, stdout: TextIO,
           scratch: Path) -> int:
+    from pie_runtime.limits import TenantLimits
     from pie_runtime.wasm_host import Capabilities
 
     try:
+        limits = TenantLimits.from_args(args)
+        if args.instances > limits.max_instances:
+            raise ValueError(f"--instances {args.instances} is more than --max-instances {limits.max_instances}")
         allow = Capabilities.parse(args.allow)
         wasm = _resolve_program(Path(args.program), console, scratch)
         programs = _registered_programs(args.programs, allow, console, scratch)
@@ -270,10 +293,10 @@ def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console,
         inferlet_args = inferlet_argv
         grant = Capabilities()
         program_name = wasm.stem
-    return _run(args, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
+    return _run(args, limits, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
 
 
-def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: Any, program_name: str,
+def _run(args: argparse.Namespace, limits: Any, wasm: Path, inferlet_args: list[str], grant: Any, program_name: str,
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
@@ -293,13 +316,13 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         console.error(f"pie-run: cannot load model {args.model}: {e}")
         return EXIT_USAGE
 
-    core = ServingCore(engine, policy=args.batching).start()
+    core = ServingCore(engine, policy=args.batching, limits=limits).start()
     queue_ahead = {"auto": None, "on": True, "off": False}[args.queue_ahead]
     served = ServedModel(loaded.name, engine, core, queue_ahead, args.decode_run)
-    host = Host([served], guest_output=console.guest_output)
+    host = Host([served], guest_output=console.guest_output, limits=limits)
     for program in registered:
         host.register_program(program)
-    limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
+    instance_limits = InstanceLimits(cpu_seconds=args.cpu_limit, memory_bytes=args.memory_limit * 1024 * 1024)
     many = args.instances > 1
 
     instances: list[Instance] = []
@@ -307,7 +330,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         prefix = f"[{k}] " if many else ""
         client = ClientChannel(on_send=lambda text, p=prefix: console.message(p, text))
         instances.append(Instance(host, component, arguments=inferlet_args, client=client,
-                                  namespace=args.namespace, limits=limits, grant=grant,
+                                  namespace=args.namespace, limits=instance_limits, grant=grant,
                                   program_name=program_name, manifest=manifest))
 
     reader = threading.Thread(target=_pump_stdin, args=(stdin, instances), name="pie-stdin", daemon=True)
@@ -378,6 +401,11 @@ def _summary(console: _Console, outcomes: Sequence[Any], stats: Any, wall: float
         seen = ", ".join(f"{size}x{count}" for size, count in sorted(batches.items()))
         lines.append(f"pie-run: batch sizes (requests x steps): {seen}; "
                      f"mean {stats.mean_batch_requests:.1f}, max {stats.max_batch_requests}")
+    if getattr(stats, "alloc_waits", 0) or getattr(stats, "preemptions", 0):
+        lines.append(f"pie-run: memory pressure: {stats.alloc_waits} allocations waited "
+                     f"({stats.alloc_wait_seconds:.2f}s), {stats.preemptions} preemptions "
+                     f"({stats.pages_preempted} pages to host memory), {stats.restores} restores, "
+                     f"{stats.paused_seconds:.2f}s paused, {stats.exports_evicted} exports evicted")
     if many:
         cpu = [o.cpu_seconds for o in outcomes]
         lines.append(f"pie-run: instance CPU time: mean {sum(cpu) / len(cpu):.3f}s, max {max(cpu):.3f}s")

@@ -7,18 +7,31 @@ is parked in a release list that the scheduler thread drains between engine
 steps, so a page can never be handed to a new owner while an in-flight step
 still writes into it (an instance may close mid-step).
 
+Accounting (what quotas count, see `pie_runtime.limits`): an instance holds
+the distinct physical pages its ids map to, plus its pages swapped out to
+host memory; a namespace holds the distinct pages of its instances and its
+exports (pages are shared only inside a namespace: forks, and imports of the
+namespace's own exports). A page shared by several ids counts once; a
+copy-on-write copy is a new page and counts.
+
+Preemption (`pie_runtime.pressure`) moves an instance's exclusive pages to
+host memory (`swap_out`): its ids stay valid, they just map to saved rows
+instead of physical pages until `restore`.
+
 This module is pure bookkeeping: no threads, no engine calls. The caller (the
-serving core) holds its lock around every method and passes in the two engine
-operations it needs (`alloc_fn` to take pages from the pool, `copy_fn` to copy
-a page for copy-on-write).
+serving core) holds its lock around every method and passes in the engine
+operations it needs (`alloc_fn` to take pages from the pool, `copy_fn` to
+copy a page for copy-on-write).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import PieError
+from .limits import PageBounds
 
 AllocFn = Callable[[int], list[int]]  # raises PieError out-of-memory when the pool is short
 CopyFn = Callable[[int, int], None]  # copy_page(src_physical, dst_physical)
@@ -30,7 +43,8 @@ MAX_PAGE_ID = 2**32 - 1  # page ids are WIT u32
 class Export:
     """A named set of pages in a namespace. Reserved when `export-pages` is
     called, published (references taken) when its command reaches the head of
-    the exporter's queue, withdrawn by `unexport` or by the exporter's end."""
+    the exporter's queue, withdrawn by `unexport`, by the exporter's end (if
+    not persistent) or by eviction (persistent ones are a cache)."""
 
     name: str
     namespace: str
@@ -40,6 +54,7 @@ class Export:
     persistent: bool
     physical: tuple[int, ...] | None = None  # set when published
     withdrawn: bool = False
+    last_used: int = 0  # LRU clock: publish and every import
 
     @property
     def published(self) -> bool:
@@ -52,25 +67,44 @@ class InstancePages:
 
     instance_id: str
     namespace: str
-    quota: int | None
-    table: dict[int, int] = field(default_factory=dict)  # virtual -> physical
+    quota: int | None  # pages it may hold (None = no bound)
+    seq: int  # open order: lower is older
+    table: dict[int, int] = field(default_factory=dict)  # virtual -> physical (resident)
+    phys_count: dict[int, int] = field(default_factory=dict)  # physical -> ids of this instance mapping to it
     # Ids whose free is queued but has not run yet: no new command may use them.
     doomed: set[int] = field(default_factory=set)
     next_id: int = 0
+    swapped: dict[int, int] = field(default_factory=dict)  # virtual -> row of `saved` (preempted)
+    saved: Any = None  # the engine's host copy of the swapped pages (HostPages)
+    peak: int = 0  # most pages held at once
 
     def live(self, vid: int) -> bool:
-        return vid in self.table and vid not in self.doomed
+        return (vid in self.table or vid in self.swapped) and vid not in self.doomed
+
+    def held(self) -> int:
+        """Distinct pages held, resident or swapped out."""
+        return len(self.phys_count) + len(self.swapped)
+
+    @property
+    def suspended(self) -> bool:
+        return bool(self.swapped)
 
 
 class PageManager:
-    """Virtual page tables, physical refcounts, exports and copy-on-write."""
+    """Virtual page tables, physical refcounts, namespace accounting, exports, copy-on-write and swap."""
 
-    def __init__(self, page_size: int) -> None:
+    def __init__(self, page_size: int, bounds: PageBounds | None = None) -> None:
         self.page_size = page_size
+        self.bounds = bounds
         self.refcount: dict[int, int] = {}
         self.instances: dict[str, InstancePages] = {}
         self.exports: dict[str, dict[str, Export]] = {}  # namespace -> name -> export
+        self._phys_ns: dict[int, str] = {}  # physical -> namespace of its holders
+        self._ns_resident: dict[str, int] = {}
+        self._ns_swapped: dict[str, int] = {}
         self._released: list[int] = []
+        self._seq = itertools.count()
+        self._clock = itertools.count(1)
 
     # ---- instances -------------------------------------------------------
     def open_instance(self, instance_id: str, namespace: str, quota: int | None) -> InstancePages:
@@ -78,19 +112,23 @@ class PageManager:
             raise PieError.invalid(f"instance {instance_id!r} is already open")
         if quota is not None and quota < 0:
             raise PieError.invalid(f"page quota must be >= 0, got {quota}")
-        pages = InstancePages(instance_id, namespace, quota)
+        if self.bounds is not None:
+            quota = self.bounds.instance if quota is None else min(quota, self.bounds.instance)
+        pages = InstancePages(instance_id, namespace, quota, next(self._seq))
         self.instances[instance_id] = pages
         return pages
 
     def close_instance(self, instance_id: str) -> None:
-        """Drops every reference the instance holds and withdraws its
-        non-persistent exports (published or still pending)."""
+        """Drops every reference the instance holds (and its swapped pages) and
+        withdraws its non-persistent exports (published or still pending)."""
         inst = self.instances.pop(instance_id, None)
         if inst is None:
             return
         for phys in inst.table.values():
             self._decref(phys)
         inst.table.clear()
+        inst.phys_count.clear()
+        self._drop_swapped(inst, list(inst.swapped))
         inst.doomed.clear()
         for ns in self.exports.values():
             for name, exp in list(ns.items()):
@@ -116,30 +154,71 @@ class PageManager:
             raise PieError.closed(f"instance {instance_id!r} is not open")
         return inst
 
+    # ---- accounting --------------------------------------------------------
+    def namespace_held(self, namespace: str) -> int:
+        return self._ns_resident.get(namespace, 0) + self._ns_swapped.get(namespace, 0)
+
+    def namespace_resident(self, namespace: str) -> int:
+        return self._ns_resident.get(namespace, 0)
+
+    def check_room(self, instance_id: str, more: int, namespace_more: int | None = None) -> None:
+        """Raises out-of-memory if the instance, holding `more` more pages (its
+        namespace `namespace_more`, default the same), would exceed its quota or
+        its namespace's: a request that could never be served as things stand."""
+        inst = self.instance(instance_id)
+        if inst.quota is not None and inst.held() + more > inst.quota:
+            raise PieError.out_of_memory(
+                f"instance {instance_id!r} holds {inst.held()} KV pages; {more} more would exceed its quota "
+                f"of {inst.quota}" + ("" if self.bounds is None else f" (the pool has {self.bounds.pool})"))
+        extra = more if namespace_more is None else namespace_more
+        if self.bounds is not None and extra and self.namespace_held(inst.namespace) + extra > self.bounds.namespace:
+            raise PieError.out_of_memory(
+                f"namespace {inst.namespace!r} holds {self.namespace_held(inst.namespace)} KV pages; {extra} more "
+                f"would exceed its quota of {self.bounds.namespace}")
+
     # ---- allocation ------------------------------------------------------
     def allocate(self, instance_id: str, count: int, alloc_fn: AllocFn) -> list[int]:
         """Fresh pages for the instance, all or nothing."""
-        inst = self.instance(instance_id)
+        self.instance(instance_id)
         if count < 0:
             raise PieError.invalid(f"cannot allocate {count} pages")
         if count == 0:
             return []
-        if inst.quota is not None and len(inst.table) + count > inst.quota:
-            raise PieError.out_of_memory(
-                f"instance {instance_id!r} holds {len(inst.table)} pages; {count} more would "
-                f"exceed its quota of {inst.quota}"
-            )
+        self.check_room(instance_id, count)
         physical = alloc_fn(count)
-        return [self._bind(inst, phys) for phys in physical]
+        return self.bind_fresh(instance_id, physical)
 
-    def _bind(self, inst: InstancePages, phys: int) -> int:
+    def bind_fresh(self, instance_id: str, physical: Sequence[int]) -> list[int]:
+        """New ids for pages just taken from the pool (room already checked)."""
+        inst = self.instance(instance_id)
+        return [self._bind(inst, self._new_id(inst), phys) for phys in physical]
+
+    def _new_id(self, inst: InstancePages) -> int:
         vid = inst.next_id
         if vid > MAX_PAGE_ID:
             raise PieError.out_of_memory(f"instance {inst.instance_id!r} ran out of page ids")
         inst.next_id += 1
-        inst.table[vid] = phys
-        self.refcount[phys] = self.refcount.get(phys, 0) + 1
         return vid
+
+    def _bind(self, inst: InstancePages, vid: int, phys: int) -> int:
+        inst.table[vid] = phys
+        inst.phys_count[phys] = inst.phys_count.get(phys, 0) + 1
+        count = self.refcount.get(phys, 0)
+        if count == 0:
+            self._phys_ns[phys] = inst.namespace
+            self._ns_resident[inst.namespace] = self._ns_resident.get(inst.namespace, 0) + 1
+        self.refcount[phys] = count + 1
+        inst.peak = max(inst.peak, inst.held())
+        return vid
+
+    def _unbind(self, inst: InstancePages, vid: int) -> int:
+        phys = inst.table.pop(vid)
+        left = inst.phys_count[phys] - 1
+        if left:
+            inst.phys_count[phys] = left
+        else:
+            del inst.phys_count[phys]
+        return phys
 
     # ---- lookups and validation -----------------------------------------
     def check_live(self, instance_id: str, vids: Iterable[int], *, distinct: bool = False) -> None:
@@ -159,10 +238,13 @@ class PageManager:
         try:
             return inst.table[vid]
         except KeyError:
-            raise PieError.not_found(f"page {vid} is not allocated in instance {instance_id!r}") from None
+            state = "is swapped out" if vid in inst.swapped else "is not allocated"
+            raise PieError.not_found(f"page {vid} {state} in instance {instance_id!r}") from None
 
     def page_count(self, instance_id: str) -> int:
-        return len(self.instance(instance_id).table)
+        """Ids the instance holds (a page shared by two of its ids counts twice)."""
+        inst = self.instance(instance_id)
+        return len(inst.table) + len(inst.swapped)
 
     # ---- free (two phases: doom now, release in queue order) -------------
     def doom(self, instance_id: str, vids: Sequence[int]) -> None:
@@ -173,25 +255,38 @@ class PageManager:
         inst = self.instances.get(instance_id)
         if inst is None:  # the instance closed; close_instance dropped everything
             return
+        swapped = [vid for vid in vids if vid in inst.swapped]
+        self._drop_swapped(inst, swapped)
         for vid in vids:
-            phys = inst.table.pop(vid, None)
             inst.doomed.discard(vid)
-            if phys is not None:
-                self._decref(phys)
+            if vid in inst.table:
+                self._decref(self._unbind(inst, vid))
 
     # ---- copy-on-write ---------------------------------------------------
+    def copies_needed(self, instance_id: str, vids: Iterable[int]) -> int:
+        """How many of the ids map to pages someone else also holds (a write
+        copies them); out-of-memory if those copies would exceed the
+        instance's or the namespace's quota."""
+        inst = self.instance(instance_id)
+        shared = [inst.table[vid] for vid in set(vids) if vid in inst.table and self.refcount[inst.table[vid]] > 1]
+        if shared:
+            self.check_room(instance_id, sum(1 for phys in shared if inst.phys_count[phys] > 1), len(shared))
+        return len(shared)
+
     def ensure_exclusive(self, instance_id: str, vid: int, alloc_fn: AllocFn, copy_fn: CopyFn) -> int:
         """Makes the instance's page `vid` private before a write and returns
         its physical id. A shared page (refcount > 1) is copied into a fresh
-        page and only this holder is remapped; the others keep the original."""
+        page and only this holder is remapped; the others keep the original.
+        The copy counts against the instance's and the namespace's quotas."""
         inst = self.instance(instance_id)
         phys = inst.table[vid]
         if self.refcount[phys] == 1:
             return phys
+        self.check_room(instance_id, 1 if inst.phys_count[phys] > 1 else 0, 1)
         (fresh,) = alloc_fn(1)
         copy_fn(phys, fresh)
-        self.refcount[fresh] = 1
-        inst.table[vid] = fresh
+        self._unbind(inst, vid)
+        self._bind(inst, vid, fresh)
         self._decref(phys)
         return fresh
 
@@ -212,6 +307,10 @@ class PageManager:
         if not 1 <= last_page_len <= self.page_size:
             raise PieError.invalid(f"last_page_len {last_page_len} is outside 1..{self.page_size}")
         self.check_live(instance_id, vids, distinct=True)
+        if persistent and self.bounds is not None and len(vids) > self.bounds.exports:
+            raise PieError.out_of_memory(
+                f"a persistent export of {len(vids)} pages exceeds the {self.bounds.exports} pages a namespace's "
+                "persistent exports may hold")
         ns = self.exports.setdefault(inst.namespace, {})
         if name in ns:
             raise PieError.already_exists(f"an export named {name!r} already exists in namespace {inst.namespace!r}")
@@ -219,11 +318,13 @@ class PageManager:
         ns[name] = exp
         return exp
 
-    def publish_export(self, exp: Export) -> None:
+    def publish_export(self, exp: Export) -> int:
         """Takes the export's references, in the exporter's queue order (so the
-        pages hold everything earlier commands wrote into them)."""
+        pages hold everything earlier commands wrote into them). A persistent
+        export past its namespace's cap evicts that namespace's least
+        recently used persistent exports; returns how many it evicted."""
         if exp.withdrawn:
-            return
+            return 0
         inst = self.instance(exp.owner)
         missing = [vid for vid in exp.virtual_ids if vid not in inst.table]
         if missing:
@@ -236,6 +337,38 @@ class PageManager:
         for phys in physical:
             self.refcount[phys] += 1
         exp.physical = physical
+        exp.last_used = next(self._clock)
+        return self._trim_exports(exp.namespace) if exp.persistent else 0
+
+    def _trim_exports(self, namespace: str) -> int:
+        if self.bounds is None:
+            return 0
+        evicted = 0
+        while self.persistent_export_pages(namespace) > self.bounds.exports:
+            oldest = min((e for e in self.exports.get(namespace, {}).values() if e.persistent and e.published),
+                         key=lambda e: e.last_used)
+            self.evict(oldest)
+            evicted += 1
+        return evicted
+
+    def persistent_export_pages(self, namespace: str) -> int:
+        pages: set[int] = set()
+        for exp in self.exports.get(namespace, {}).values():
+            if exp.persistent and exp.published:
+                pages.update(exp.physical or ())
+        return len(pages)
+
+    def evictable_exports(self) -> list[Export]:
+        """Persistent exports whose exporter has ended, least recently used first:
+        a cache the pool may drop under pressure."""
+        found = [e for ns in self.exports.values() for e in ns.values()
+                 if e.persistent and e.published and e.owner not in self.instances]
+        return sorted(found, key=lambda e: e.last_used)
+
+    def evict(self, exp: Export) -> None:
+        """Withdraws an export as if unexported: later imports of its name get not-found."""
+        self.exports.get(exp.namespace, {}).pop(exp.name, None)
+        self._withdraw(exp)
 
     def unexport(self, namespace: str, name: str) -> None:
         exp = self.exports.get(namespace, {}).pop(name, None)
@@ -255,11 +388,9 @@ class PageManager:
         if not exp.published:
             raise PieError.not_found(f"export {exp.name!r} is not published")
         assert exp.physical is not None
-        if inst.quota is not None and len(inst.table) + len(exp.physical) > inst.quota:
-            raise PieError.out_of_memory(
-                f"importing {len(exp.physical)} pages would exceed the quota of {inst.quota}"
-            )
-        return [self._bind(inst, phys) for phys in exp.physical], exp.last_page_len
+        self.check_room(instance_id, len(set(exp.physical) - set(inst.phys_count)), 0)
+        exp.last_used = next(self._clock)
+        return [self._bind(inst, self._new_id(inst), phys) for phys in exp.physical], exp.last_page_len
 
     def list_exports(self, namespace: str) -> list[str]:
         return sorted(name for name, exp in self.exports.get(namespace, {}).items() if exp.published)
@@ -272,6 +403,50 @@ class PageManager:
             for phys in exp.physical:
                 self._decref(phys)
 
+    # ---- swap (preemption) ---------------------------------------------------
+    def exclusive_resident(self, instance_id: str) -> list[int]:
+        """The instance's ids whose pages no one else holds: what swapping it out frees."""
+        inst = self.instance(instance_id)
+        return [vid for vid, phys in inst.table.items() if self.refcount[phys] == 1]
+
+    def swap_out(self, instance_id: str, vids: Sequence[int], saved: Any) -> None:
+        """The pages behind `vids` were copied to host memory (`saved`, row i ->
+        vids[i]): release them; the ids stay valid, swapped out."""
+        inst = self.instance(instance_id)
+        if inst.swapped:
+            raise AssertionError(f"instance {instance_id!r} is already swapped out")
+        for row, vid in enumerate(vids):
+            self._decref(self._unbind(inst, vid))
+            inst.swapped[vid] = row
+        inst.saved = saved
+        self._ns_swapped[inst.namespace] = self._ns_swapped.get(inst.namespace, 0) + len(vids)
+
+    def swapped_pages(self, instance_id: str) -> tuple[list[int], list[int], Any]:
+        """(ids, rows of the saved copy, the saved copy) of a swapped-out instance."""
+        inst = self.instance(instance_id)
+        vids = sorted(inst.swapped)
+        return vids, [inst.swapped[vid] for vid in vids], inst.saved
+
+    def restore(self, instance_id: str, vids: Sequence[int], physical: Sequence[int]) -> None:
+        """The swapped pages of `vids` were loaded into fresh `physical` pages: map them back."""
+        inst = self.instance(instance_id)
+        if sorted(vids) != sorted(inst.swapped):
+            raise AssertionError("restore must bring back every swapped page")
+        for vid, phys in zip(vids, physical):
+            self._bind(inst, vid, phys)
+        self._drop_swapped(inst, list(vids))
+
+    def _drop_swapped(self, inst: InstancePages, vids: Sequence[int]) -> None:
+        for vid in vids:
+            del inst.swapped[vid]
+        if vids:
+            self._ns_swapped[inst.namespace] -= len(vids)
+        if not inst.swapped:
+            inst.saved = None
+
+    def swapped_total(self) -> int:
+        return sum(self._ns_swapped.values())
+
     # ---- release to the pool ----------------------------------------------
     def _decref(self, phys: int) -> None:
         count = self.refcount[phys] - 1
@@ -279,6 +454,7 @@ class PageManager:
             raise AssertionError(f"refcount of physical page {phys} went negative")
         if count == 0:
             del self.refcount[phys]
+            self._ns_resident[self._phys_ns.pop(phys)] -= 1
             self._released.append(phys)
         else:
             self.refcount[phys] = count
@@ -299,19 +475,43 @@ class PageManager:
         return len(self.refcount)
 
     def check_invariants(self) -> None:
-        """Refcounts equal the holders counted from scratch (used by tests and on close)."""
+        """Refcounts and namespace counts equal the holders counted from scratch
+        (used by tests and on close)."""
         expected: dict[int, int] = {}
+        owners: dict[int, set[str]] = {}
+        swapped: dict[str, int] = {}
         for inst in self.instances.values():
+            counts: dict[int, int] = {}
             for phys in inst.table.values():
                 expected[phys] = expected.get(phys, 0) + 1
+                counts[phys] = counts.get(phys, 0) + 1
+                owners.setdefault(phys, set()).add(inst.namespace)
+            if counts != inst.phys_count:
+                raise AssertionError(f"instance {inst.instance_id}: page counts {inst.phys_count} != {counts}")
+            if set(inst.table) & set(inst.swapped):
+                raise AssertionError(f"instance {inst.instance_id}: ids both resident and swapped")
+            swapped[inst.namespace] = swapped.get(inst.namespace, 0) + len(inst.swapped)
         for ns in self.exports.values():
             for exp in ns.values():
                 if exp.published:
                     assert exp.physical is not None
                     for phys in exp.physical:
                         expected[phys] = expected.get(phys, 0) + 1
+                        owners.setdefault(phys, set()).add(exp.namespace)
         if expected != self.refcount:
             raise AssertionError(f"refcounts {self.refcount} != holders {expected}")
+        if any(len(names) != 1 for names in owners.values()):
+            raise AssertionError("a page is shared across namespaces")
+        resident: dict[str, int] = {}
+        for phys, names in owners.items():
+            (name,) = names
+            resident[name] = resident.get(name, 0) + 1
+            if self._phys_ns.get(phys) != name:
+                raise AssertionError(f"page {phys} is charged to {self._phys_ns.get(phys)!r}, held by {name!r}")
+        if {k: v for k, v in self._ns_resident.items() if v} != resident:
+            raise AssertionError(f"namespace pages {self._ns_resident} != {resident}")
+        if {k: v for k, v in self._ns_swapped.items() if v} != {k: v for k, v in swapped.items() if v}:
+            raise AssertionError(f"namespace swapped pages {self._ns_swapped} != {swapped}")
         overlap = set(self._released) & set(self.refcount)
         if overlap:
             raise AssertionError(f"released pages still held: {sorted(overlap)}")

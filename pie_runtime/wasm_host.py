@@ -49,8 +49,9 @@ from wasmtime.component import Linker, Record, ResourceType
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
 from pie_runtime import component_cache, grammar, host_calls, wit_codecs
 from pie_runtime.errors import PieError
-from pie_runtime.policies import DEFAULT_DECODE_RUN
 from pie_runtime.kvstore import KVStore, NamespacedKV
+from pie_runtime.limits import TenantLimits
+from pie_runtime.policies import DEFAULT_DECODE_RUN
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
 
 log = logging.getLogger("pie_runtime.host")
@@ -81,46 +82,65 @@ class Kind(enum.IntEnum):
 # --------------------------------------------------------------------------- capabilities
 
 
+NETWORK_REFUSED = (
+    "network access cannot be granted: wasmtime-py 50's WASI configuration can only hand a guest the "
+    "host's whole network (wasi_config_inherit_network), with no way to limit it to listed host:port "
+    "pairs, so pie-run refuses rather than grant more than was asked")
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """Outside access an instance gets: what the operator allows, met with what the inferlet declares."""
+    """Outside access an instance gets: what the operator allows, met with what the inferlet declares.
 
-    net: bool = False
-    fs: tuple[str, ...] = ()  # host directories, preopened at the same path inside the guest
-    # runtime.launch. Granted on the declaration alone: children run on this
-    # server under the parent's limits, and only programs the operator registered.
+    - `fs`: host directories preopened read-only, at the same path inside
+      the guest (operator: `fs:DIR`); `fs_rw`: read and write (`fs-rw:DIR`).
+      An inferlet declaring "filesystem" gets them all; no other path exists
+      for it.
+    - `launch`: `runtime.launch` (operator: `launch`); children run on this
+      server under the launch tree's limits (`pie_runtime.limits`).
+    - Network: never. See `NETWORK_REFUSED`.
+    """
+
+    fs: tuple[str, ...] = ()
+    fs_rw: tuple[str, ...] = ()
     launch: bool = False
 
     @classmethod
     def parse(cls, spec: str | None) -> "Capabilities":
-        """Parses the operator's `--allow` value, e.g. ``net,fs:/data``."""
-        net, dirs = False, []
+        """Parses the operator's `--allow` value, e.g. ``fs:/data,fs-rw:/scratch,launch``."""
+        read_only, read_write, launch = [], [], False
         for item in (spec or "").split(","):
             item = item.strip()
             if not item:
                 continue
-            if item == "net":
-                net = True
-            elif item.startswith("fs:") and len(item) > 3:
-                directory = Path(item[3:]).expanduser().resolve()
+            kind, _, path = item.partition(":")
+            if kind == "launch" and not path:
+                launch = True
+            elif kind in ("net", "network"):
+                raise ValueError(f"--allow {item}: {NETWORK_REFUSED}")
+            elif kind in ("fs", "fs-rw") and path:
+                directory = Path(path).expanduser().resolve()
                 if not directory.is_dir():
                     raise ValueError(f"--allow {item}: {directory} is not a directory")
-                dirs.append(str(directory))
+                (read_write if kind == "fs-rw" else read_only).append(str(directory))
             else:
-                raise ValueError(f"unknown capability {item!r}; expected 'net' or 'fs:DIR'")
-        return cls(net=net, fs=tuple(dirs))
+                raise ValueError(f"unknown capability {item!r}; expected 'fs:DIR' (read-only), "
+                                 "'fs-rw:DIR' (read and write) or 'launch'")
+        read_only = [d for d in read_only if d not in read_write]
+        return cls(fs=tuple(dict.fromkeys(read_only)), fs_rw=tuple(dict.fromkeys(read_write)), launch=launch)
 
     def grant(self, declared: Iterable[str]) -> "Capabilities":
         """What an inferlet declaring `declared` actually gets: never more than either side."""
-        # Manifests name them "network"/"filesystem" (inferlet_toolchain.manifest);
-        # the operator's --allow uses the short forms.
-        aliases = {"network": "net", "filesystem": "fs"}
+        # Manifests name them "filesystem"/"launch" (inferlet_toolchain.manifest).
+        aliases = {"filesystem": "fs"}
         kinds = {aliases.get(k, k) for k in (str(d).split(":", 1)[0].strip() for d in declared)}
-        return Capabilities(net=self.net and "net" in kinds, fs=self.fs if "fs" in kinds else (),
-                            launch="launch" in kinds)
+        files = "fs" in kinds
+        return Capabilities(fs=self.fs if files else (), fs_rw=self.fs_rw if files else (),
+                            launch=self.launch and "launch" in kinds)
 
     def describe(self) -> str:
-        parts = (["net"] if self.net else []) + [f"fs:{d}" for d in self.fs] + (["launch"] if self.launch else [])
+        parts = ([f"fs:{d}" for d in self.fs] + [f"fs-rw:{d}" for d in self.fs_rw]
+                 + (["launch"] if self.launch else []))
         return ",".join(parts) or "none"
 
 
@@ -502,16 +522,38 @@ class Host:
         guest_output: GuestOutput = stderr_guest_output,
         wasm_engine: wasmtime.Engine | None = None,
         version: str = SERVER_VERSION,
+        limits: TenantLimits | None = None,
     ) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
+        self.limits = limits if limits is not None else TenantLimits()
         self.broker = broker if broker is not None else Broker()
-        self.kvstore = kvstore if kvstore is not None else KVStore()
+        self.kvstore = kvstore if kvstore is not None else KVStore(self.limits)
         self.guest_output = guest_output
         self.wasm_engine = wasm_engine if wasm_engine is not None else component_cache.shared_engine()
         self.version = version
         self.linker = build_linker(self.wasm_engine)
         # Programs instances may launch by name (pie-run --program NAME=PATH).
         self.programs: dict[str, Program] = {}
+        self._live: set[str] = set()  # instances admitted whose thread has not ended
+        self._live_lock = threading.Lock()
+
+    def admit(self, instance_id: str) -> None:
+        """Counts a starting instance; out-of-memory past `max_instances`."""
+        with self._live_lock:
+            if len(self._live) >= self.limits.max_instances:
+                raise PieError.out_of_memory(
+                    f"the server already runs {len(self._live)} instances, the most allowed (max_instances)")
+            self._live.add(instance_id)
+
+    def retire(self, instance_id: str) -> None:
+        with self._live_lock:
+            self._live.discard(instance_id)
+
+    def live_instances(self) -> int:
+        """Instances started whose thread has not ended yet (terminated ones
+        still blocked in a WASI call included)."""
+        with self._live_lock:
+            return len(self._live)
 
     def register_program(self, program: Program) -> None:
         if not program.name:
@@ -1037,30 +1079,84 @@ def build_linker(engine: wasmtime.Engine) -> Linker:
 # --------------------------------------------------------------------------- WASI
 
 
-class _LineSink:
-    """Splits a guest's byte stream into lines for the guest-output sink."""
+class _OutputBudget:
+    """Bytes of stdout and stderr one instance may still emit, together."""
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+        self.dropped = 0
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> bool | None:
+        """True: emit `size` bytes. False: drop them. None: drop them, and this
+        is the first drop (say so once)."""
+        with self.lock:
+            if size <= self.left:
+                self.left -= size
+                return True
+            first = self.dropped == 0
+            self.left = 0
+            self.dropped += size
+            return None if first else False
+
+
+class _LineSink:
+    """Splits a guest's byte stream into lines for the guest-output sink.
+
+    Linear time and bounded memory, whatever the guest writes: each write is
+    scanned once, a line is cut every `max_line` bytes, and once the
+    instance's `budget` is spent the rest is dropped (with one notice)."""
+
+    def __init__(self, emit: Callable[[str], None], budget: _OutputBudget, max_line: int) -> None:
         self._emit = emit
-        self._buffer = b""
+        self._budget = budget
+        self._max_line = max(1, max_line)
+        self._buffer = bytearray()
         self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
+        lines: list[bytes] = []
         with self._lock:
-            self._buffer += data
-            *lines, self._buffer = self._buffer.split(b"\n")
+            *complete, rest = data.split(b"\n")
+            for piece in complete:
+                self._buffer += piece
+                lines.extend(self._cut())
+                lines.append(bytes(self._buffer))
+                self._buffer.clear()
+            self._buffer += rest
+            lines.extend(self._cut())
         for line in lines:
+            self._send(line)
+
+    def _cut(self) -> list[bytes]:
+        """Whole `max_line` pieces off the front of the buffer (a line too long to keep whole)."""
+        size = self._max_line
+        whole = (len(self._buffer) - 1) // size * size  # leaves 1..size bytes (one delete: linear)
+        if whole <= 0:
+            return []
+        pieces = [bytes(self._buffer[i:i + size]) for i in range(0, whole, size)]
+        del self._buffer[:whole]
+        return pieces
+
+    def _send(self, line: bytes) -> None:
+        verdict = self._budget.take(len(line) + 1)
+        if verdict:
             self._emit(line.decode("utf-8", "replace"))
+        elif verdict is None:
+            self._emit(f"[output limit of {self._budget.limit} bytes reached: the rest of this instance's "
+                       "output is dropped]")
 
     def flush(self) -> None:
         with self._lock:
-            rest, self._buffer = self._buffer, b""
+            rest = bytes(self._buffer)
+            self._buffer.clear()
         if rest:
-            self._emit(rest.decode("utf-8", "replace"))
+            self._send(rest)
 
 
 def make_wasi(ctx: InstanceContext, grant: Capabilities, program_name: str = "inferlet") -> tuple[wasmtime.WasiConfig, list[_LineSink]]:
-    """WASI for one instance: no stdin, no env, stdout/stderr to the sink, only granted dirs/network."""
+    """WASI for one instance: no stdin, no env, no network, stdout/stderr to the sink, only granted dirs."""
     wasi = wasmtime.WasiConfig()
     wasi.argv = [program_name, *ctx.arguments]
     sinks = []
@@ -1069,15 +1165,14 @@ def make_wasi(ctx: InstanceContext, grant: Capabilities, program_name: str = "in
             ctx.stderr_tail.append(text)
         ctx.host.guest_output(ctx.instance_id, stream, text)
 
+    limits = ctx.host.limits
+    budget = _OutputBudget(limits.output_bytes)
     for stream in ("stdout", "stderr"):
-        sink = _LineSink(lambda text, s=stream: emit(s, text))
+        sink = _LineSink(lambda text, s=stream: emit(s, text), budget, limits.output_line_bytes)
         sinks.append(sink)
         setattr(wasi, f"{stream}_custom", sink.write)
     for directory in grant.fs:
-        wasi.preopen_dir(directory, directory)
-    if grant.net:
-        from wasmtime import _ffi as ffi
-
-        ffi.wasi_config_inherit_network(wasi.ptr())
-        ffi.wasi_config_allow_ip_name_lookup(wasi.ptr(), True)
+        wasi.preopen_dir(directory, directory, fs_mutable=False)
+    for directory in grant.fs_rw:
+        wasi.preopen_dir(directory, directory, fs_mutable=True)
     return wasi, sinks

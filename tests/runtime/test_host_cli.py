@@ -55,6 +55,10 @@ def test_usage_errors_exit_2(tmp_path):
     assert pie_run([tmp_path / "missing.wasm"])[0] == 2
     code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "teleport"])
     assert code == 2 and "unknown capability" in err
+    code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "net"])
+    assert code == 2 and "network access cannot be granted" in err
+    code, _, err = pie_run([tmp_path / "missing.wasm", "--instances", "3", "--max-instances", "2"])
+    assert code == 2 and "--max-instances" in err
     code, _, err = pie_run([REPO / "pyproject.toml", "--program", "no-path"])
     assert code == 2 and "expected NAME=PATH" in err
     code, _, err = pie_run([REPO / "pyproject.toml", "--program", f"x={tmp_path / 'missing.wasm'}"])
@@ -102,6 +106,15 @@ def test_a_failing_instance_makes_the_exit_code_nonzero(probe_wasm, tiny_llama_d
     assert code == 1
     assert "RuntimeError: deliberate failure in the guest" in err
     assert out == ""
+
+
+def test_tenant_limit_options_reach_the_server(tiny_llama_dir):
+    hostile = build_guest("hostile")
+    code, out, err = pie_run([hostile, "--model", tiny_llama_dir, *MODEL_OPTS, "--instance-pages", "2",
+                              "--", "allocate", "3"])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"code": "out-of-memory"}
+    assert pie_run(["x.wasm", "--kv-keys", "-1"])[0] == 2
 
 
 def test_cpu_limit_option_stops_a_runaway_instance(probe_wasm, tiny_llama_dir):
@@ -153,25 +166,31 @@ def _children_messages(out: str) -> tuple[dict[str, str], list[str]]:
 @pytest.mark.slow
 def test_an_sdk_inferlet_launches_children_of_itself(tiny_llama_dir):
     """inferlet.launch / launch_async through pie-run: results in launch order, messages tagged."""
-    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--children", "3"])
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--children", "1"])
+    assert code == 1 and "'launch' capability" in err and "--allow launch" in err  # the operator's grant
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                              "--", "--children", "3"])
     assert code == 0, err
     tagged, rest = _children_messages(out)
     assert sorted(tagged.values()) == ["leaf 0", "leaf 1", "leaf 2", "leaf 3"] and len(tagged) == 4
     assert rest == [json.dumps(["tag-0", "tag-1", "tag-2", "tag-3"])]
-    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--child-args", "--tag"])
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                            "--", "--child-args", "--tag"])
     assert code == 1 and "invalid-argument" in err and "--tag" in err
 
 
 @pytest.mark.slow
 def test_registered_programs_can_be_launched_by_name(probe_wasm, tiny_llama_dir):
     code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--program", f"probe={probe_wasm}",
-                              "--", "--program", "probe", "--children", "2", "--child-args", "say hi-{i}"])
+                              "--allow", "launch", "--", "--program", "probe", "--children", "2",
+                              "--child-args", "say hi-{i}"])
     assert code == 0, err
     tagged, rest = _children_messages(out)
     assert len(rest) == 1
     child_ids = json.loads(rest[0])
     assert tagged == {cid: f"hi-{i}" for i, cid in enumerate(child_ids)}
-    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--program", "probe"])
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                            "--", "--program", "probe"])
     assert code == 1 and "not-found" in err and "'probe'" in err
 
 

@@ -122,7 +122,7 @@ class RecordingEngine:
         self.in_step = threading.Event()
         self.fail_next_step: Exception | None = None
 
-    def validate(self, req) -> None:
+    def validate(self, req, check_pages: bool = True) -> None:
         if -1 in req.tokens:
             raise EngineInputError("token -1 is outside the vocabulary")
 

@@ -62,6 +62,87 @@ def mode_spawn_sleepers(args):
     return mode_sleep([secs, pages]) + f" ({len(children)} children)"
 
 
+def mode_allocate(args):
+    """Asks for args[0] pages; reports the error code (or "ok") and, with args[1] = "hold", waits
+    for a client message before ending."""
+    q = _open().create_queue(0)
+    try:
+        q.allocate_pages(int(args[0]))
+        code = "ok"
+    except Err as e:
+        code = _code(e)
+    if len(args) > 1 and args[1] == "hold":
+        kvstore.set(f"holding/{runtime.instance_id()}", code)
+        messaging.receive().get()
+    return {"code": code}
+
+
+def mode_export_spam(args):
+    """Fills args[1] pages and exports them persistently as args[0], then ends at once."""
+    m = _open()
+    q = m.create_queue(0)
+    ps = m.info().page_size
+    pages = q.allocate_pages(int(args[1]))
+    n = len(pages) * ps
+    q.forward(inference.ForwardRequest(tokens=[5] * n, positions=list(range(n)), pages=pages,
+                                       last_page_len=ps, mask=None, outputs=[]))
+    q.export_pages(args[0], pages, ps, True)
+    return "exported"
+
+
+def mode_kv_flood(args):
+    """Stores values of args[0] bytes under new keys until the store refuses (a trap, in contract 0.1)."""
+    value = "v" * int(args[0])
+    i = 0
+    while True:
+        kvstore.set(f"flood/{i}", value)
+        i += 1
+
+
+def mode_spawn(args):
+    """Launches up to args[0] children of this program, each sleeping args[1] s, until one is refused."""
+    futures, refused = [], None
+    for _ in range(int(args[0])):
+        try:
+            futures.append(runtime.launch("", ["sleep", args[1], "0"]))
+        except Err as e:
+            refused = {"code": _code(e), "message": e.value.message}
+            break
+    return {"started": len(futures), "refused": refused}
+
+
+def mode_flood_output(args):
+    """Prints one line of args[0] bytes, then args[1] lines of 1000 bytes."""
+    print("y" * int(args[0]))
+    line = "x" * 1000
+    for _ in range(int(args[1])):
+        print(line)
+    sys.stdout.flush()
+    return "flooded"
+
+
+def mode_files(args):
+    """Reads args[0]/existing.txt and tries to write args[0]/written.txt; reports both."""
+    report = {}
+    try:
+        with open(os.path.join(args[0], "existing.txt")) as f:
+            report["read"] = f.read()
+    except OSError as e:
+        report["read"] = f"error: {e}"
+    try:
+        with open(os.path.join(args[0], "written.txt"), "w") as f:
+            f.write("tenant was here")
+        report["write"] = "ok"
+    except OSError as e:
+        report["write"] = f"error: {e}"
+    try:
+        os.listdir("/")
+        report["root"] = "listed"
+    except OSError as e:
+        report["root"] = f"error: {e}"
+    return report
+
+
 def mode_sleep(args):
     """Holds pages and a subscription, marks itself ready, then sleeps inside WASI (not in a host call)."""
     q = _open().create_queue(0)

@@ -1,0 +1,254 @@
+"""Memory pressure: who gets KV pages when the pool is short. Pauses, never kills.
+
+An allocation the pool cannot serve now does not fail: it becomes a
+`PageRequest` and waits. So does a copy-on-write copy a queued command needs
+(its queue waits), and a preempted instance that has work again (it waits
+to be restored). The engine thread serves them between steps (`serve`), in
+one fair order, best first:
+
+1. *within its namespace's fair share*: the namespace's resident pages plus
+   what the request would add fit in `pool / active namespaces` (a tenant
+   past its share cannot push out one within it);
+2. higher queue priority (the instance's highest);
+3. older instance (opened earlier).
+
+Requests are served strictly in that order: one that cannot be served now
+holds back those behind it, so a large request is not starved by small ones.
+When the best request cannot be served from free pages, the arbiter makes
+room: it first evicts the least recently used persistent exports whose
+exporter has ended (a cache), then *preempts* victims: instances ranking
+below the request in the same order, or idle for `idle_victim_s` (nothing
+queued, nothing in flight, no request), lowest first. A victim's exclusive
+pages are copied to host memory and freed (`Engine.save_pages`); its ids
+stay valid, its commands wait, and when it has work again it is restored
+into fresh pages (`Engine.load_pages`) as a request of its own, in the same
+order. The inferlet notices nothing but the delay: the pages come back bit
+for bit, so its outputs are exactly those of an unpressured run. Preemption
+happens only when it can actually satisfy the request, and at most
+`swap_pages` pages are held on the host.
+
+A request is refused (`out-of-memory`) only when it could never be served:
+past the instance's or the namespace's quota, which are never larger than
+the pool (`PageManager.check_room`, checked before anything waits).
+
+Every method is called with the serving core's lock held; `serve` runs on
+the engine thread (it does device work), between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import PieError
+from .limits import PageBounds
+from .resources import InstancePages, PageManager
+
+
+@dataclass
+class PageRequest:
+    """Pages an instance waits for. kind: "allocate" (fresh ids for the
+    caller), "copy" (copy-on-write copies for the command at the head of
+    queue `queue_id`: granted pages stay reserved until it runs) or
+    "restore" (only the instance's swapped pages back)."""
+
+    instance_id: str
+    count: int
+    kind: str
+    queue_id: int | None = None
+    since: float = 0.0
+    granted: bool = False
+    vids: list[int] | None = None  # allocate: the ids granted
+    error: PieError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.granted or self.error is not None
+
+
+@dataclass
+class Activity:
+    """What the scheduler knows about instances (callbacks, called with the lock held)."""
+
+    priority: Callable[[str], int]  # the instance's highest queue priority
+    idle_since: Callable[[str], float | None]  # None while it has work queued or in flight
+    has_work: Callable[[str], bool]  # commands waiting that need its pages resident
+
+
+class MemoryArbiter:
+    """Waiting requests, fair order, export eviction, preemption and restore."""
+
+    def __init__(self, engine: Any, pages: PageManager, bounds: PageBounds, stats: Any,
+                 flush: Callable[[], None], idle_victim_s: float) -> None:
+        self.engine = engine
+        self.pages = pages
+        self.bounds = bounds
+        self.stats = stats
+        self._flush = flush
+        self.idle_victim_s = idle_victim_s
+        self.requests: list[PageRequest] = []
+        self.reserved = 0  # pages set aside for granted copy requests
+        self._suspended_at: dict[str, float] = {}
+
+    # ---- called on any thread -----------------------------------------------------
+    def budget(self) -> int:
+        """Free pages no granted request has set aside."""
+        return self.engine.pool.num_free - self.reserved
+
+    def can_take(self, count: int) -> bool:
+        """Whether `count` pages may be taken now without jumping the queue."""
+        return self.budget() >= count and not any(not r.granted for r in self.requests)
+
+    def add(self, request: PageRequest) -> None:
+        request.since = time.monotonic()
+        self.requests.append(request)
+
+    def blocked(self, queue_id: int) -> bool:
+        """The queue's head waits for copy-on-write pages."""
+        return any(r.queue_id == queue_id and not r.granted for r in self.requests)
+
+    def take_reservation(self, queue_id: int, need: int) -> bool:
+        """Consumes the queue's granted copy request; True if it covers `need`."""
+        for r in self.requests:
+            if r.queue_id == queue_id and r.granted:
+                self._drop(r)
+                return r.count >= need
+        return False
+
+    def request_copy(self, instance_id: str, queue_id: int, need: int) -> None:
+        if not any(r.queue_id == queue_id for r in self.requests):
+            self.add(PageRequest(instance_id, need, "copy", queue_id))
+
+    def drop_instance(self, instance_id: str) -> None:
+        """The instance closed: its requests go (a waiting allocation fails `closed`)."""
+        for r in [r for r in self.requests if r.instance_id == instance_id]:
+            if not r.done:
+                r.error = PieError.closed(f"instance {instance_id!r} closed while waiting for KV pages")
+            self._drop(r)
+        since = self._suspended_at.pop(instance_id, None)
+        if since is not None:
+            self.stats.paused_seconds += time.monotonic() - since
+
+    def suspended(self) -> list[str]:
+        return list(self._suspended_at)
+
+    def paused_seconds(self) -> float:
+        """Time preempted instances have spent swapped out, those still out included."""
+        now = time.monotonic()
+        return self.stats.paused_seconds + sum(now - t for t in self._suspended_at.values())
+
+    def _drop(self, r: PageRequest) -> None:
+        self.requests.remove(r)
+        if r.kind == "copy" and r.granted:
+            self.reserved -= r.count
+
+    # ---- the engine thread ----------------------------------------------------------
+    def serve(self, activity: Activity) -> float | None:
+        """Grants what can be granted, in order, making room where that helps.
+        Returns how soon to try again (an idle instance becomes a victim then),
+        or None."""
+        if not self.requests and not self._suspended_at:
+            return None
+        now = time.monotonic()
+        self._flush()
+        pending = [r for r in self.requests if not r.granted]
+        waiting = {r.instance_id for r in pending}
+        for instance_id in self._suspended_at:
+            if instance_id not in waiting and activity.has_work(instance_id):
+                pending.append(PageRequest(instance_id, 0, "restore", since=now))
+        retry: float | None = None
+        for request in sorted(pending, key=lambda r: self._key(r.instance_id, self._need(r), activity), reverse=True):
+            inst = self.pages.instances.get(request.instance_id)
+            if inst is None:
+                continue
+            need = self._need(request)
+            if need > self.budget():
+                retry = self._make_room(request, need, activity, now)
+            if need > self.budget():
+                break  # strict order: the rest wait behind it
+            self._grant(request, inst)
+        return retry
+
+    def _need(self, request: PageRequest) -> int:
+        inst = self.pages.instances.get(request.instance_id)
+        return request.count + (len(inst.swapped) if inst is not None else 0)
+
+    def _key(self, instance_id: str, extra: int, activity: Activity) -> tuple:
+        inst = self.pages.instances[instance_id]
+        active = len({i.namespace for i in self.pages.instances.values()})
+        within_share = self.pages.namespace_resident(inst.namespace) + extra <= self.bounds.pool / max(1, active)
+        return (within_share, activity.priority(instance_id), -inst.seq)
+
+    def _grant(self, request: PageRequest, inst: InstancePages) -> None:
+        if inst.swapped:
+            self._restore(inst)
+        if request.kind == "restore":
+            return
+        request.granted = True
+        if request.kind == "copy":
+            self.reserved += request.count
+            return
+        self.requests.remove(request)
+        self.stats.alloc_wait_seconds += time.monotonic() - request.since
+        try:
+            request.vids = self.pages.allocate(request.instance_id, request.count, self.engine.pool.alloc)
+        except PieError as exc:  # its quota changed meanwhile (e.g. a copy-on-write copy)
+            request.granted, request.error = False, exc
+
+    def _make_room(self, request: PageRequest, need: int, activity: Activity, now: float) -> float | None:
+        for exp in self.pages.evictable_exports():
+            if self.budget() >= need:
+                return None
+            self.pages.evict(exp)
+            self.stats.exports_evicted += 1
+            self._flush()
+        if self.budget() >= need:
+            return None
+        key = self._key(request.instance_id, need, activity)
+        victims, retry = [], None
+        for inst in self.pages.instances.values():
+            if inst.instance_id == request.instance_id or inst.suspended:
+                continue
+            idle = activity.idle_since(inst.instance_id)
+            idle_for = None if idle is None else now - idle
+            idle_enough = idle_for is not None and idle_for >= self.idle_victim_s
+            rank = self._key(inst.instance_id, 0, activity)
+            if not idle_enough and not rank < key:
+                if idle_for is not None:
+                    wait = self.idle_victim_s - idle_for
+                    retry = wait if retry is None else min(retry, wait)
+                continue
+            vids = self.pages.exclusive_resident(inst.instance_id)
+            if vids:
+                victims.append((not idle_enough, rank, inst.instance_id, len(vids)))
+        victims.sort()
+        room = self.budget() + sum(n for *_, n in victims)
+        if room < need:
+            return retry  # preempting would not be enough: wait
+        for *_, instance_id, _ in victims:
+            if self.budget() >= need:
+                break
+            self._swap_out(instance_id)
+        return retry
+
+    def _swap_out(self, instance_id: str) -> None:
+        vids = self.pages.exclusive_resident(instance_id)
+        if self.pages.swapped_total() + len(vids) > self.bounds.swap:
+            return
+        for r in [r for r in self.requests if r.instance_id == instance_id and r.kind == "copy" and r.granted]:
+            self._drop(r)  # asked again once it is back
+        saved = self.engine.save_pages([self.pages.physical(instance_id, vid) for vid in vids])
+        self.pages.swap_out(instance_id, vids, saved)
+        self._flush()
+        self._suspended_at[instance_id] = time.monotonic()
+        self.stats.preemptions += 1
+        self.stats.pages_preempted += len(vids)
+
+    def _restore(self, inst: InstancePages) -> None:
+        vids, rows, saved = self.pages.swapped_pages(inst.instance_id)
+        physical = self.engine.pool.alloc(len(vids))
+        self.engine.load_pages(physical, saved.select(rows))
+        self.pages.restore(inst.instance_id, vids, physical)
+        self.stats.restores += 1
+        self.stats.paused_seconds += time.monotonic() - self._suspended_at.pop(inst.instance_id)
