@@ -8,7 +8,8 @@ one fair order, best first:
 
 1. *within its namespace's fair share*: the namespace's resident pages plus
    what the request would add fit in `pool / active namespaces` (a tenant
-   past its share cannot push out one within it);
+   past its share cannot push out one within it; between instances of one
+   namespace this criterion does not apply);
 2. higher queue priority (the instance's highest);
 3. older instance (opened earlier).
 
@@ -27,9 +28,13 @@ for bit, so its outputs are exactly those of an unpressured run. Preemption
 happens only when it can actually satisfy the request, and at most
 `swap_pages` pages are held on the host.
 
-A request is refused (`out-of-memory`) only when it could never be served:
-past the instance's or the namespace's quota, which are never larger than
-the pool (`PageManager.check_room`, checked before anything waits).
+A request must fit both the pool and its namespace's quota, which bounds the
+pages a namespace holds in the pool at once (its preempted pages do not
+count); pages of the request's own namespace make room for both. A request
+is refused (`out-of-memory`) only when it could never be served: when the
+instance would hold more than its quota, which is never larger than its
+namespace's or the pool (`PageManager.check_room`, checked before anything
+waits).
 
 Every method is called with the serving core's lock held; `serve` runs on
 the engine thread (it does device work), between steps.
@@ -96,9 +101,13 @@ class MemoryArbiter:
         """Free pages no granted request has set aside."""
         return self.engine.pool.num_free - self.reserved
 
-    def can_take(self, count: int) -> bool:
-        """Whether `count` pages may be taken now without jumping the queue."""
-        return self.budget() >= count and not any(not r.granted for r in self.requests)
+    def can_take(self, instance_id: str, count: int) -> bool:
+        """Whether the instance may take `count` pages now without jumping the queue."""
+        return (self.budget() >= count and self._namespace_room(instance_id) >= count
+                and not any(not r.granted for r in self.requests))
+
+    def _namespace_room(self, instance_id: str) -> float:
+        return self.pages.namespace_room(self.pages.instance(instance_id).namespace)
 
     def add(self, request: PageRequest) -> None:
         request.since = time.monotonic()
@@ -163,12 +172,15 @@ class MemoryArbiter:
             if inst is None:
                 continue
             need = self._need(request)
-            if need > self.budget():
+            if not self._fits(request, need):
                 retry = self._make_room(request, need, activity, now)
-            if need > self.budget():
+            if not self._fits(request, need):
                 break  # strict order: the rest wait behind it
             self._grant(request, inst)
         return retry
+
+    def _fits(self, request: PageRequest, need: int) -> bool:
+        return need <= self.budget() and need <= self._namespace_room(request.instance_id)
 
     def _need(self, request: PageRequest) -> int:
         inst = self.pages.instances.get(request.instance_id)
@@ -197,13 +209,24 @@ class MemoryArbiter:
             request.granted, request.error = False, exc
 
     def _make_room(self, request: PageRequest, need: int, activity: Activity, now: float) -> float | None:
+        """Evicts cached exports, then preempts victims, until `request` fits
+        both the pool and its namespace's quota (pages of its own namespace
+        count for both). Preempts no one if that would not be enough."""
+        namespace = self.pages.instance(request.instance_id).namespace
+
+        def short() -> tuple[float, float]:
+            return need - self.budget(), need - self.pages.namespace_room(namespace)
+
         for exp in self.pages.evictable_exports():
-            if self.budget() >= need:
+            pool_short, ns_short = short()
+            if pool_short <= 0 and ns_short <= 0:
                 return None
-            self.pages.evict(exp)
-            self.stats.exports_evicted += 1
-            self._flush()
-        if self.budget() >= need:
+            if pool_short > 0 or exp.namespace == namespace:
+                self.pages.evict(exp)
+                self.stats.exports_evicted += 1
+                self._flush()
+        pool_short, ns_short = short()
+        if pool_short <= 0 and ns_short <= 0:
             return None
         key = self._key(request.instance_id, need, activity)
         victims, retry = [], None
@@ -214,22 +237,30 @@ class MemoryArbiter:
             idle_for = None if idle is None else now - idle
             idle_enough = idle_for is not None and idle_for >= self.idle_victim_s
             rank = self._key(inst.instance_id, 0, activity)
-            if not idle_enough and not rank < key:
+            if inst.namespace == namespace:  # one namespace has one share: compare priority, then age
+                rank, mine = rank[1:], key[1:]
+            else:
+                mine = key
+            if not idle_enough and not rank < mine:
                 if idle_for is not None:
                     wait = self.idle_victim_s - idle_for
                     retry = wait if retry is None else min(retry, wait)
                 continue
-            vids = self.pages.exclusive_resident(inst.instance_id)
-            if vids:
-                victims.append((not idle_enough, rank, inst.instance_id, len(vids)))
+            pages = len(self.pages.exclusive_resident(inst.instance_id))
+            if pages:
+                # Victims of the request's own namespace first when its quota is short.
+                own = inst.namespace == namespace
+                victims.append((not (own and ns_short > 0), not idle_enough, rank[-2:], inst.instance_id, pages, own))
         victims.sort()
-        room = self.budget() + sum(n for *_, n in victims)
-        if room < need:
+        if (sum(v[4] for v in victims) < pool_short
+                or sum(v[4] for v in victims if v[5]) < ns_short):
             return retry  # preempting would not be enough: wait
-        for *_, instance_id, _ in victims:
-            if self.budget() >= need:
+        for *_, instance_id, _pages, own in victims:
+            pool_short, ns_short = short()
+            if pool_short <= 0 and ns_short <= 0:
                 break
-            self._swap_out(instance_id)
+            if pool_short > 0 or own:
+                self._swap_out(instance_id)
         return retry
 
     def _swap_out(self, instance_id: str) -> None:

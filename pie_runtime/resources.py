@@ -9,10 +9,12 @@ still writes into it (an instance may close mid-step).
 
 Accounting (what quotas count, see `pie_runtime.limits`): an instance holds
 the distinct physical pages its ids map to, plus its pages swapped out to
-host memory; a namespace holds the distinct pages of its instances and its
-exports (pages are shared only inside a namespace: forks, and imports of the
-namespace's own exports). A page shared by several ids counts once; a
-copy-on-write copy is a new page and counts.
+host memory (all of them must fit the pool together for it to run, so its
+quota is never more than its namespace's); a namespace holds in the pool the
+distinct pages of its instances and its exports (pages are shared only inside
+a namespace: forks, and imports of the namespace's own exports). A page
+shared by several ids counts once; a copy-on-write copy is a new page and
+counts.
 
 Preemption (`pie_runtime.pressure`) moves an instance's exclusive pages to
 host memory (`swap_out`): its ids stay valid, they just map to saved rows
@@ -113,7 +115,8 @@ class PageManager:
         if quota is not None and quota < 0:
             raise PieError.invalid(f"page quota must be >= 0, got {quota}")
         if self.bounds is not None:
-            quota = self.bounds.instance if quota is None else min(quota, self.bounds.instance)
+            bound = min(self.bounds.instance, self.bounds.namespace)
+            quota = bound if quota is None else min(quota, bound)
         pages = InstancePages(instance_id, namespace, quota, next(self._seq))
         self.instances[instance_id] = pages
         return pages
@@ -161,20 +164,25 @@ class PageManager:
     def namespace_resident(self, namespace: str) -> int:
         return self._ns_resident.get(namespace, 0)
 
-    def check_room(self, instance_id: str, more: int, namespace_more: int | None = None) -> None:
-        """Raises out-of-memory if the instance, holding `more` more pages (its
-        namespace `namespace_more`, default the same), would exceed its quota or
-        its namespace's: a request that could never be served as things stand."""
+    def namespace_room(self, namespace: str) -> float:
+        """How many more pages the namespace may hold resident (its quota bounds
+        what it holds in the pool at once; preempted pages do not count)."""
+        if self.bounds is None:
+            return float("inf")
+        return self.bounds.namespace - self.namespace_resident(namespace)
+
+    def check_room(self, instance_id: str, more: int) -> None:
+        """Raises out-of-memory if the instance, holding `more` more pages,
+        would exceed its quota (never more than its namespace's or the pool):
+        a request that could never be served, since all of an instance's
+        pages must be in the pool together for it to run."""
         inst = self.instance(instance_id)
-        if inst.quota is not None and inst.held() + more > inst.quota:
+        if more and inst.quota is not None and inst.held() + more > inst.quota:
             raise PieError.out_of_memory(
                 f"instance {instance_id!r} holds {inst.held()} KV pages; {more} more would exceed its quota "
-                f"of {inst.quota}" + ("" if self.bounds is None else f" (the pool has {self.bounds.pool})"))
-        extra = more if namespace_more is None else namespace_more
-        if self.bounds is not None and extra and self.namespace_held(inst.namespace) + extra > self.bounds.namespace:
-            raise PieError.out_of_memory(
-                f"namespace {inst.namespace!r} holds {self.namespace_held(inst.namespace)} KV pages; {extra} more "
-                f"would exceed its quota of {self.bounds.namespace}")
+                f"of {inst.quota}" + ("" if self.bounds is None else
+                                      f" (instance {self.bounds.instance}, namespace {self.bounds.namespace}, "
+                                      f"pool {self.bounds.pool})"))
 
     # ---- allocation ------------------------------------------------------
     def allocate(self, instance_id: str, count: int, alloc_fn: AllocFn) -> list[int]:
@@ -266,23 +274,23 @@ class PageManager:
     def copies_needed(self, instance_id: str, vids: Iterable[int]) -> int:
         """How many of the ids map to pages someone else also holds (a write
         copies them); out-of-memory if those copies would exceed the
-        instance's or the namespace's quota."""
+        instance's quota."""
         inst = self.instance(instance_id)
         shared = [inst.table[vid] for vid in set(vids) if vid in inst.table and self.refcount[inst.table[vid]] > 1]
-        if shared:
-            self.check_room(instance_id, sum(1 for phys in shared if inst.phys_count[phys] > 1), len(shared))
+        self.check_room(instance_id, sum(1 for phys in shared if inst.phys_count[phys] > 1))
         return len(shared)
 
     def ensure_exclusive(self, instance_id: str, vid: int, alloc_fn: AllocFn, copy_fn: CopyFn) -> int:
         """Makes the instance's page `vid` private before a write and returns
         its physical id. A shared page (refcount > 1) is copied into a fresh
         page and only this holder is remapped; the others keep the original.
-        The copy counts against the instance's and the namespace's quotas."""
+        The copy counts against the instance's quota (and is a new page of
+        its namespace)."""
         inst = self.instance(instance_id)
         phys = inst.table[vid]
         if self.refcount[phys] == 1:
             return phys
-        self.check_room(instance_id, 1 if inst.phys_count[phys] > 1 else 0, 1)
+        self.check_room(instance_id, 1 if inst.phys_count[phys] > 1 else 0)
         (fresh,) = alloc_fn(1)
         copy_fn(phys, fresh)
         self._unbind(inst, vid)
@@ -388,7 +396,7 @@ class PageManager:
         if not exp.published:
             raise PieError.not_found(f"export {exp.name!r} is not published")
         assert exp.physical is not None
-        self.check_room(instance_id, len(set(exp.physical) - set(inst.phys_count)), 0)
+        self.check_room(instance_id, len(set(exp.physical) - set(inst.phys_count)))
         exp.last_used = next(self._clock)
         return [self._bind(inst, self._new_id(inst), phys) for phys in exp.physical], exp.last_page_len
 

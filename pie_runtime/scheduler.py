@@ -200,7 +200,7 @@ class Scheduler:
 
     def allocate(self, instance_id: str, count: int) -> list[int]:
         """Fresh page ids for the instance (called on its thread, with the lock
-        held). Past its quota or its namespace's: out-of-memory at once. Else
+        held). Past its quota: out-of-memory at once. Else
         from free pages when no one is waiting ahead, or it waits for the
         engine thread to grant them (see `pie_runtime.pressure`); the lock is
         released while it waits. Safe while a step is in flight: a page in the
@@ -211,7 +211,7 @@ class Scheduler:
         self._last_active[instance_id] = time.monotonic()
         self.pages.check_room(instance_id, count)
         self.flush_released()
-        if self.arbiter.can_take(count) and not self.pages.instance(instance_id).suspended:
+        if self.arbiter.can_take(instance_id, count) and not self.pages.instance(instance_id).suspended:
             return self.pages.allocate(instance_id, count, self._take_pages)
         request = PageRequest(instance_id, count, "allocate")
         self.arbiter.add(request)
@@ -354,7 +354,7 @@ class Scheduler:
             need = self.pages.copies_needed(inst, writes)
         except PieError:
             return True  # past a quota, or gone: the command fails when it runs, alone
-        if need == 0 or self.arbiter.take_reservation(queue.id, need) or self.arbiter.can_take(need):
+        if need == 0 or self.arbiter.take_reservation(queue.id, need) or self.arbiter.can_take(inst, need):
             return True
         self.arbiter.request_copy(inst, queue.id, need)
         return False

@@ -96,21 +96,29 @@ def test_an_allocation_the_pool_cannot_serve_waits_for_pages_instead_of_failing(
 
 
 def test_out_of_memory_only_past_a_quota_or_the_pool(make_core):
-    core = make_core(limits=TenantLimits(instance_pages=8, namespace_pages=12))
+    """An instance can never hold more than its quota (nor its namespace's,
+    nor the pool): such a request fails at once. A namespace's quota bounds
+    what it holds in the pool at once: past it, a request of one of its
+    instances waits (here: its idle sibling is preempted)."""
+    core = make_core(limits=TenantLimits(instance_pages=8, namespace_pages=12), idle_victim_ms=100)
     q1 = core.open_instance("one", namespace="ns").create_queue(0)
     q2 = core.open_instance("two", namespace="ns").create_queue(0)
     assert codes(lambda: q1.allocate_pages(9)) == "out-of-memory"  # instance quota
     q1.allocate_pages(8)
-    assert codes(lambda: q2.allocate_pages(5)) == "out-of-memory"  # namespace quota: 8 + 5 > 12
-    q2.allocate_pages(4)
+    assert len(q2.allocate_pages(5)) == 5  # 8 + 5 > 12: "one" (idle) goes to host memory
+    assert core.suspended_instances() == ["one"] and core.namespace_pages("ns") == 13
     q3 = core.open_instance("three", namespace="other").create_queue(0)
+    assert len(q3.allocate_pages(8)) == 8  # another namespace is not affected
+    small_ns = make_core(limits=TenantLimits(namespace_pages=6))
+    q4 = small_ns.open_instance("four").create_queue(0)
+    assert codes(lambda: q4.allocate_pages(7)) == "out-of-memory"  # alone past its namespace's quota
     unbounded = make_core()
-    q4 = unbounded.open_instance("four").create_queue(0)
-    assert codes(lambda: q4.allocate_pages(RUNTIME_NUM_PAGES + 1)) == "out-of-memory"  # the whole pool
-    assert q3.allocate_pages(8)  # another namespace is not affected
-    for c in (core, unbounded):
-        for name in ("one", "two", "three", "four"):
-            c.close_instance(name)
+    q5 = unbounded.open_instance("five").create_queue(0)
+    assert codes(lambda: q5.allocate_pages(RUNTIME_NUM_PAGES + 1)) == "out-of-memory"  # the whole pool
+    for name in ("one", "two", "three"):
+        core.close_instance(name)
+    small_ns.close_instance("four")
+    unbounded.close_instance("five")
 
 
 def test_a_tenant_past_its_share_is_preempted_and_restored_bit_for_bit(make_core):
