@@ -142,6 +142,10 @@ class MemoryArbiter:
     def suspended(self) -> list[str]:
         return list(self._suspended_at)
 
+    def active(self) -> bool:
+        """Whether `serve` has anything to do: requests, or swapped-out pages."""
+        return bool(self.requests or self._suspended_at or self.pages.swapped_total())
+
     def paused_seconds(self) -> float:
         """Time preempted instances have spent swapped out, those still out included."""
         now = time.monotonic()
@@ -157,10 +161,11 @@ class MemoryArbiter:
         """Grants what can be granted, in order, making room where that helps.
         Returns how soon to try again (an idle instance becomes a victim then),
         or None."""
-        if not self.requests and not self._suspended_at:
+        if not self.active():
             return None
         now = time.monotonic()
         self._flush()
+        self._track_suspended(now)  # e.g. an import of a swapped-out export
         pending = [r for r in self.requests if not r.granted]
         waiting = {r.instance_id for r in pending}
         for instance_id in self._suspended_at:
@@ -184,7 +189,7 @@ class MemoryArbiter:
 
     def _need(self, request: PageRequest) -> int:
         inst = self.pages.instances.get(request.instance_id)
-        return request.count + (len(inst.swapped) if inst is not None else 0)
+        return request.count + (inst.swapped if inst is not None else 0)
 
     def _key(self, instance_id: str, extra: int, activity: Activity) -> tuple:
         inst = self.pages.instances[instance_id]
@@ -228,16 +233,45 @@ class MemoryArbiter:
         pool_short, ns_short = short()
         if pool_short <= 0 and ns_short <= 0:
             return None
-        key = self._key(request.instance_id, need, activity)
-        victims, retry = [], None
-        for inst in self.pages.instances.values():
-            if inst.instance_id == request.instance_id or inst.suspended:
+        victims, retry = self._victims(request, need, activity, now)
+        eligible = {instance_id for *_, instance_id in victims}
+        # A page can go only if every instance holding it is a victim (exports keep a handle).
+        holders = self.pages.page_holders()
+        swappable = {p for p, ids in holders.items() if ids <= eligible}
+        own = {p for p in swappable if self.pages.namespace_of(p) == namespace}
+        room = min(len(swappable), self.bounds.swap - self.pages.swapped_total())
+        if room < pool_short or min(len(own), room) < ns_short:
+            return retry  # preempting would not be enough: wait
+        for *_, instance_id in victims:
+            pool_short, ns_short = short()
+            if pool_short <= 0 and ns_short <= 0:
+                break
+            inst = self.pages.instances[instance_id]
+            if pool_short <= 0 and inst.namespace != namespace:
                 continue
-            idle = activity.idle_since(inst.instance_id)
+            pages = [p for p in inst.phys_count if p in swappable]
+            swappable.difference_update(pages)
+            if pages:
+                self._swap_out(pages, now)
+        return retry
+
+    def _victims(self, request: PageRequest, need: int, activity: Activity, now: float) -> tuple[list, float | None]:
+        """Instances that may be preempted for `request`, first to go first:
+        its own namespace's when that namespace is past its quota, idle ones,
+        then lowest rank. And how soon another one becomes idle enough."""
+        inst = self.pages.instance(request.instance_id)
+        key = self._key(request.instance_id, need, activity)
+        ns_short = need > self.pages.namespace_room(inst.namespace)
+        victims, retry = [], None
+        for other in self.pages.instances.values():
+            if other.instance_id == request.instance_id:
+                continue
+            idle = activity.idle_since(other.instance_id)
             idle_for = None if idle is None else now - idle
             idle_enough = idle_for is not None and idle_for >= self.idle_victim_s
-            rank = self._key(inst.instance_id, 0, activity)
-            if inst.namespace == namespace:  # one namespace has one share: compare priority, then age
+            rank = self._key(other.instance_id, 0, activity)
+            same = other.namespace == inst.namespace
+            if same:  # one namespace has one share: compare priority, then age
                 rank, mine = rank[1:], key[1:]
             else:
                 mine = key
@@ -246,40 +280,43 @@ class MemoryArbiter:
                     wait = self.idle_victim_s - idle_for
                     retry = wait if retry is None else min(retry, wait)
                 continue
-            pages = len(self.pages.exclusive_resident(inst.instance_id))
-            if pages:
-                # Victims of the request's own namespace first when its quota is short.
-                own = inst.namespace == namespace
-                victims.append((not (own and ns_short > 0), not idle_enough, rank[-2:], inst.instance_id, pages, own))
+            victims.append((not (same and ns_short), not idle_enough, rank[-2:], other.instance_id))
         victims.sort()
-        if (sum(v[4] for v in victims) < pool_short
-                or sum(v[4] for v in victims if v[5]) < ns_short):
-            return retry  # preempting would not be enough: wait
-        for *_, instance_id, _pages, own in victims:
-            pool_short, ns_short = short()
-            if pool_short <= 0 and ns_short <= 0:
-                break
-            if pool_short > 0 or own:
-                self._swap_out(instance_id)
-        return retry
+        return victims, retry
 
-    def _swap_out(self, instance_id: str) -> None:
-        vids = self.pages.exclusive_resident(instance_id)
-        if self.pages.swapped_total() + len(vids) > self.bounds.swap:
-            return
-        for r in [r for r in self.requests if r.instance_id == instance_id and r.kind == "copy" and r.granted]:
-            self._drop(r)  # asked again once it is back
-        saved = self.engine.save_pages([self.pages.physical(instance_id, vid) for vid in vids])
-        self.pages.swap_out(instance_id, vids, saved)
+    def _swap_out(self, physical: list[int], now: float) -> None:
+        saved = self.engine.save_pages(physical)
+        self.pages.swap_out(physical, saved)
         self._flush()
-        self._suspended_at[instance_id] = time.monotonic()
-        self.stats.preemptions += 1
-        self.stats.pages_preempted += len(vids)
+        self.stats.pages_preempted += len(physical)
+        self._track_suspended(now, preempted=True)
 
     def _restore(self, inst: InstancePages) -> None:
-        vids, rows, saved = self.pages.swapped_pages(inst.instance_id)
-        physical = self.engine.pool.alloc(len(vids))
-        self.engine.load_pages(physical, saved.select(rows))
-        self.pages.restore(inst.instance_id, vids, physical)
+        handles = self.pages.swap_handles(inst.instance_id)
+        physical = self.engine.pool.alloc(len(handles))
+        batches: dict[int, tuple[Any, list[int], list[int]]] = {}
+        for handle, phys in zip(handles, physical):
+            saved, row = self.pages.saved_copy(handle)
+            _, rows, pages = batches.setdefault(id(saved), (saved, [], []))
+            rows.append(row)
+            pages.append(phys)
+        for saved, rows, pages in batches.values():
+            self.engine.load_pages(pages, saved.select(rows))
+        self.pages.restore(handles, physical)
         self.stats.restores += 1
-        self.stats.paused_seconds += time.monotonic() - self._suspended_at.pop(inst.instance_id)
+        self._track_suspended(time.monotonic())
+
+    def _track_suspended(self, now: float, preempted: bool = False) -> None:
+        """Notes which instances hold swapped pages now: the newly suspended
+        (preempted, when `preempted`) lose their copy reservations; the
+        fully restored add their pause to the stats."""
+        for instance_id, inst in self.pages.instances.items():
+            if inst.suspended and instance_id not in self._suspended_at:
+                self._suspended_at[instance_id] = now
+                if preempted:
+                    self.stats.preemptions += 1
+                for r in [r for r in self.requests if r.instance_id == instance_id and r.kind == "copy" and r.granted]:
+                    self._drop(r)  # asked again once it is back
+        for instance_id in [i for i in self._suspended_at
+                            if i in self.pages.instances and not self.pages.instances[i].suspended]:
+            self.stats.paused_seconds += now - self._suspended_at.pop(instance_id)

@@ -16,9 +16,12 @@ a namespace: forks, and imports of the namespace's own exports). A page
 shared by several ids counts once; a copy-on-write copy is a new page and
 counts.
 
-Preemption (`pie_runtime.pressure`) moves an instance's exclusive pages to
-host memory (`swap_out`): its ids stay valid, they just map to saved rows
-instead of physical pages until `restore`.
+Preemption (`pie_runtime.pressure`) moves pages to host memory
+(`swap_out`): each becomes a *swap handle*, a negative page number that
+every holder (ids of any instance, exports) keeps instead of the physical
+page, until `restore` brings it back into a fresh page for all of them at
+once. An instance holding any handle is suspended: it runs no command that
+needs its pages until it is restored.
 
 This module is pure bookkeeping: no threads, no engine calls. The caller (the
 serving core) holds its lock around every method and passes in the engine
@@ -65,31 +68,31 @@ class Export:
 
 @dataclass
 class InstancePages:
-    """One instance's page table."""
+    """One instance's page table. Its pages are physical page numbers (>= 0)
+    or swap handles (< 0, see `PageManager.swap_out`)."""
 
     instance_id: str
     namespace: str
     quota: int | None  # pages it may hold (None = no bound)
     seq: int  # open order: lower is older
-    table: dict[int, int] = field(default_factory=dict)  # virtual -> physical (resident)
-    phys_count: dict[int, int] = field(default_factory=dict)  # physical -> ids of this instance mapping to it
+    table: dict[int, int] = field(default_factory=dict)  # virtual -> page
+    phys_count: dict[int, int] = field(default_factory=dict)  # page -> ids of this instance mapping to it
     # Ids whose free is queued but has not run yet: no new command may use them.
     doomed: set[int] = field(default_factory=set)
     next_id: int = 0
-    swapped: dict[int, int] = field(default_factory=dict)  # virtual -> row of `saved` (preempted)
-    saved: Any = None  # the engine's host copy of the swapped pages (HostPages)
+    swapped: int = 0  # distinct swap handles among its pages
     peak: int = 0  # most pages held at once
 
     def live(self, vid: int) -> bool:
-        return (vid in self.table or vid in self.swapped) and vid not in self.doomed
+        return vid in self.table and vid not in self.doomed
 
     def held(self) -> int:
         """Distinct pages held, resident or swapped out."""
-        return len(self.phys_count) + len(self.swapped)
+        return len(self.phys_count)
 
     @property
     def suspended(self) -> bool:
-        return bool(self.swapped)
+        return self.swapped > 0
 
 
 class PageManager:
@@ -104,6 +107,8 @@ class PageManager:
         self._phys_ns: dict[int, str] = {}  # physical -> namespace of its holders
         self._ns_resident: dict[str, int] = {}
         self._ns_swapped: dict[str, int] = {}
+        self._swapped: dict[int, tuple[Any, int]] = {}  # swap handle -> (saved pages, row)
+        self._handles = itertools.count(1)
         self._released: list[int] = []
         self._seq = itertools.count()
         self._clock = itertools.count(1)
@@ -131,7 +136,7 @@ class PageManager:
             self._decref(phys)
         inst.table.clear()
         inst.phys_count.clear()
-        self._drop_swapped(inst, list(inst.swapped))
+        inst.swapped = 0
         inst.doomed.clear()
         for ns in self.exports.values():
             for name, exp in list(ns.items()):
@@ -210,11 +215,15 @@ class PageManager:
 
     def _bind(self, inst: InstancePages, vid: int, phys: int) -> int:
         inst.table[vid] = phys
-        inst.phys_count[phys] = inst.phys_count.get(phys, 0) + 1
+        mine = inst.phys_count.get(phys, 0)
+        inst.phys_count[phys] = mine + 1
+        if mine == 0 and phys < 0:
+            inst.swapped += 1
         count = self.refcount.get(phys, 0)
         if count == 0:
             self._phys_ns[phys] = inst.namespace
-            self._ns_resident[inst.namespace] = self._ns_resident.get(inst.namespace, 0) + 1
+            counts = self._ns_resident if phys >= 0 else self._ns_swapped
+            counts[inst.namespace] = counts.get(inst.namespace, 0) + 1
         self.refcount[phys] = count + 1
         inst.peak = max(inst.peak, inst.held())
         return vid
@@ -226,6 +235,8 @@ class PageManager:
             inst.phys_count[phys] = left
         else:
             del inst.phys_count[phys]
+            if phys < 0:
+                inst.swapped -= 1
         return phys
 
     # ---- lookups and validation -----------------------------------------
@@ -243,16 +254,15 @@ class PageManager:
 
     def physical(self, instance_id: str, vid: int) -> int:
         inst = self.instance(instance_id)
-        try:
-            return inst.table[vid]
-        except KeyError:
-            state = "is swapped out" if vid in inst.swapped else "is not allocated"
-            raise PieError.not_found(f"page {vid} {state} in instance {instance_id!r}") from None
+        phys = inst.table.get(vid)
+        if phys is None or phys < 0:
+            state = "is not allocated" if phys is None else "is swapped out"
+            raise PieError.not_found(f"page {vid} {state} in instance {instance_id!r}")
+        return phys
 
     def page_count(self, instance_id: str) -> int:
         """Ids the instance holds (a page shared by two of its ids counts twice)."""
-        inst = self.instance(instance_id)
-        return len(inst.table) + len(inst.swapped)
+        return len(self.instance(instance_id).table)
 
     # ---- free (two phases: doom now, release in queue order) -------------
     def doom(self, instance_id: str, vids: Sequence[int]) -> None:
@@ -263,8 +273,6 @@ class PageManager:
         inst = self.instances.get(instance_id)
         if inst is None:  # the instance closed; close_instance dropped everything
             return
-        swapped = [vid for vid in vids if vid in inst.swapped]
-        self._drop_swapped(inst, swapped)
         for vid in vids:
             inst.doomed.discard(vid)
             if vid in inst.table:
@@ -412,48 +420,71 @@ class PageManager:
                 self._decref(phys)
 
     # ---- swap (preemption) ---------------------------------------------------
-    def exclusive_resident(self, instance_id: str) -> list[int]:
-        """The instance's ids whose pages no one else holds: what swapping it out frees."""
-        inst = self.instance(instance_id)
-        return [vid for vid, phys in inst.table.items() if self.refcount[phys] == 1]
+    def page_holders(self) -> dict[int, set[str]]:
+        """Resident page -> the instances holding it (exports not included)."""
+        holders: dict[int, set[str]] = {}
+        for inst in self.instances.values():
+            for phys in inst.phys_count:
+                if phys >= 0:
+                    holders.setdefault(phys, set()).add(inst.instance_id)
+        return holders
 
-    def swap_out(self, instance_id: str, vids: Sequence[int], saved: Any) -> None:
-        """The pages behind `vids` were copied to host memory (`saved`, row i ->
-        vids[i]): release them; the ids stay valid, swapped out."""
-        inst = self.instance(instance_id)
-        if inst.swapped:
-            raise AssertionError(f"instance {instance_id!r} is already swapped out")
-        for row, vid in enumerate(vids):
-            self._decref(self._unbind(inst, vid))
-            inst.swapped[vid] = row
-        inst.saved = saved
-        self._ns_swapped[inst.namespace] = self._ns_swapped.get(inst.namespace, 0) + len(vids)
+    def swap_out(self, physical: Sequence[int], saved: Any) -> None:
+        """The pages were copied to host memory (`saved`, row i -> physical[i]):
+        every holder now keeps a swap handle instead, and the pages go back
+        to the pool."""
+        mapping = {}
+        for row, phys in enumerate(physical):
+            handle = -next(self._handles)
+            self._swapped[handle] = (saved, row)
+            mapping[phys] = handle
+        self._remap(mapping)
+        self._released.extend(physical)
 
-    def swapped_pages(self, instance_id: str) -> tuple[list[int], list[int], Any]:
-        """(ids, rows of the saved copy, the saved copy) of a swapped-out instance."""
-        inst = self.instance(instance_id)
-        vids = sorted(inst.swapped)
-        return vids, [inst.swapped[vid] for vid in vids], inst.saved
+    def namespace_of(self, page: int) -> str:
+        return self._phys_ns[page]
 
-    def restore(self, instance_id: str, vids: Sequence[int], physical: Sequence[int]) -> None:
-        """The swapped pages of `vids` were loaded into fresh `physical` pages: map them back."""
-        inst = self.instance(instance_id)
-        if sorted(vids) != sorted(inst.swapped):
-            raise AssertionError("restore must bring back every swapped page")
-        for vid, phys in zip(vids, physical):
-            self._bind(inst, vid, phys)
-        self._drop_swapped(inst, list(vids))
+    def swap_handles(self, instance_id: str) -> list[int]:
+        """The swap handles among the instance's pages."""
+        return [page for page in self.instance(instance_id).phys_count if page < 0]
 
-    def _drop_swapped(self, inst: InstancePages, vids: Sequence[int]) -> None:
-        for vid in vids:
-            del inst.swapped[vid]
-        if vids:
-            self._ns_swapped[inst.namespace] -= len(vids)
-        if not inst.swapped:
-            inst.saved = None
+    def saved_copy(self, handle: int) -> tuple[Any, int]:
+        """(saved pages, row) of a swap handle."""
+        return self._swapped[handle]
+
+    def restore(self, handles: Sequence[int], physical: Sequence[int]) -> None:
+        """The swapped pages were loaded into fresh `physical` pages: every holder gets them back."""
+        self._remap(dict(zip(handles, physical)))
+        for handle in handles:
+            del self._swapped[handle]
 
     def swapped_total(self) -> int:
-        return sum(self._ns_swapped.values())
+        return len(self._swapped)
+
+    def _remap(self, mapping: dict[int, int]) -> None:
+        """Moves every holder of each page `old` to `new` (swap out, restore)."""
+        for inst in self.instances.values():
+            moved = [old for old in inst.phys_count if old in mapping]
+            if not moved:
+                continue
+            for vid, page in inst.table.items():
+                if page in mapping:
+                    inst.table[vid] = mapping[page]
+            for old in moved:
+                new = mapping[old]
+                inst.phys_count[new] = inst.phys_count.pop(old)
+                inst.swapped += (new < 0) - (old < 0)
+        for ns in self.exports.values():
+            for exp in ns.values():
+                if exp.physical is not None and any(p in mapping for p in exp.physical):
+                    exp.physical = tuple(mapping.get(p, p) for p in exp.physical)
+        for old, new in mapping.items():
+            self.refcount[new] = self.refcount.pop(old)
+            namespace = self._phys_ns.pop(old)
+            self._phys_ns[new] = namespace
+            for page, step in ((old, -1), (new, 1)):
+                counts = self._ns_resident if page >= 0 else self._ns_swapped
+                counts[namespace] = counts.get(namespace, 0) + step
 
     # ---- release to the pool ----------------------------------------------
     def _decref(self, phys: int) -> None:
@@ -462,8 +493,13 @@ class PageManager:
             raise AssertionError(f"refcount of physical page {phys} went negative")
         if count == 0:
             del self.refcount[phys]
-            self._ns_resident[self._phys_ns.pop(phys)] -= 1
-            self._released.append(phys)
+            namespace = self._phys_ns.pop(phys)
+            if phys >= 0:
+                self._ns_resident[namespace] -= 1
+                self._released.append(phys)
+            else:  # a swapped page no one holds any more
+                self._ns_swapped[namespace] -= 1
+                del self._swapped[phys]
         else:
             self.refcount[phys] = count
 
@@ -479,15 +515,14 @@ class PageManager:
         return len(self._released)
 
     def held_pages(self) -> int:
-        """Physical pages with at least one holder."""
-        return len(self.refcount)
+        """Physical pages with at least one holder (swapped-out pages not included)."""
+        return sum(1 for page in self.refcount if page >= 0)
 
     def check_invariants(self) -> None:
         """Refcounts and namespace counts equal the holders counted from scratch
         (used by tests and on close)."""
         expected: dict[int, int] = {}
         owners: dict[int, set[str]] = {}
-        swapped: dict[str, int] = {}
         for inst in self.instances.values():
             counts: dict[int, int] = {}
             for phys in inst.table.values():
@@ -496,9 +531,8 @@ class PageManager:
                 owners.setdefault(phys, set()).add(inst.namespace)
             if counts != inst.phys_count:
                 raise AssertionError(f"instance {inst.instance_id}: page counts {inst.phys_count} != {counts}")
-            if set(inst.table) & set(inst.swapped):
-                raise AssertionError(f"instance {inst.instance_id}: ids both resident and swapped")
-            swapped[inst.namespace] = swapped.get(inst.namespace, 0) + len(inst.swapped)
+            if inst.swapped != sum(1 for page in counts if page < 0):
+                raise AssertionError(f"instance {inst.instance_id}: swapped count {inst.swapped} is wrong")
         for ns in self.exports.values():
             for exp in ns.values():
                 if exp.published:
@@ -508,18 +542,21 @@ class PageManager:
                         owners.setdefault(phys, set()).add(exp.namespace)
         if expected != self.refcount:
             raise AssertionError(f"refcounts {self.refcount} != holders {expected}")
+        if set(self._swapped) != {page for page in expected if page < 0}:
+            raise AssertionError(f"swap handles {sorted(self._swapped)} != held ones")
         if any(len(names) != 1 for names in owners.values()):
             raise AssertionError("a page is shared across namespaces")
         resident: dict[str, int] = {}
+        swapped: dict[str, int] = {}
         for phys, names in owners.items():
             (name,) = names
-            resident[name] = resident.get(name, 0) + 1
+            counts = resident if phys >= 0 else swapped
+            counts[name] = counts.get(name, 0) + 1
             if self._phys_ns.get(phys) != name:
                 raise AssertionError(f"page {phys} is charged to {self._phys_ns.get(phys)!r}, held by {name!r}")
-        if {k: v for k, v in self._ns_resident.items() if v} != resident:
-            raise AssertionError(f"namespace pages {self._ns_resident} != {resident}")
-        if {k: v for k, v in self._ns_swapped.items() if v} != {k: v for k, v in swapped.items() if v}:
-            raise AssertionError(f"namespace swapped pages {self._ns_swapped} != {swapped}")
+        for mine, truth, what in ((self._ns_resident, resident, "resident"), (self._ns_swapped, swapped, "swapped")):
+            if {k: v for k, v in mine.items() if v} != truth:
+                raise AssertionError(f"namespace {what} pages {mine} != {truth}")
         overlap = set(self._released) & set(self.refcount)
         if overlap:
             raise AssertionError(f"released pages still held: {sorted(overlap)}")

@@ -266,7 +266,7 @@ class Scheduler:
         self._run_plain_commands()
         self.flush_released()  # frees just run, and pages released by closes
         retry = None
-        if self.arbiter.requests or self.arbiter.suspended():
+        if self.arbiter.active():
             retry = self.arbiter.serve(self._activity)
             self.cv.notify_all()  # allocations granted (or refused)
             self._run_plain_commands()  # restored instances, granted copies

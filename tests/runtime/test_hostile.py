@@ -164,14 +164,16 @@ def test_broadcast_topics_are_namespaced(host, hostile, probe):
 # --------------------------------------------------------------------------- fair share
 
 
+@pytest.mark.parametrize("how", ["hold", "pin"])
 def test_a_tenant_taking_the_whole_pool_cannot_make_a_cotenant_fail(host, hostile, probe, core, expected,
-                                                                    before):
-    """Mallory takes every page of the pool and sits on them; Alice's and
-    Bob's generations still finish with their solo output: Mallory, past her
-    share, is preempted (her pages go to host memory), not Alice or Bob."""
+                                                                    before, how):
+    """Mallory takes every page of the pool and sits on them (pinned: each
+    also held by an export and a second id); Alice's and Bob's generations
+    still finish with their solo output: Mallory, past her share, is
+    preempted (her pages go to host memory), not Alice or Bob."""
     preempted = core.stats.preemptions
     client = ClientChannel()
-    hog = launch(host, hostile, "allocate", str(NUM_PAGES), "hold", namespace="mallory", client=client)
+    hog = launch(host, hostile, "allocate", str(NUM_PAGES), how, namespace="mallory", client=client)
     _wait_for_keys(host, "holding/", 1, namespace="mallory")
     assert core.held_pages() == NUM_PAGES
     normal = [_normal(host, probe, namespace=ns) for ns in ("alice", "bob", "alice")]

@@ -63,15 +63,20 @@ def mode_spawn_sleepers(args):
 
 
 def mode_allocate(args):
-    """Asks for args[0] pages; reports the error code (or "ok") and, with args[1] = "hold", waits
-    for a client message before ending."""
+    """Asks for args[0] pages; reports the error code (or "ok") and, with args[1] = "hold" (or "pin":
+    shared with an export and a second set of its own ids), waits for a client message before ending."""
     q = _open().create_queue(0)
     try:
-        q.allocate_pages(int(args[0]))
+        pages = q.allocate_pages(int(args[0]))
         code = "ok"
     except Err as e:
         code = _code(e)
-    if len(args) > 1 and args[1] == "hold":
+    if len(args) > 1 and args[1] == "pin" and code == "ok":
+        # Shares every page with an export and a second set of ids: no page is exclusive to one holder.
+        q.export_pages(f"pin/{runtime.instance_id()}", pages, 1, False)
+        q.synchronize().get()
+        q.import_pages(f"pin/{runtime.instance_id()}")
+    if len(args) > 1 and args[1] in ("hold", "pin"):
         kvstore.set(f"holding/{runtime.instance_id()}", code)
         messaging.receive().get()
     return {"code": code}
