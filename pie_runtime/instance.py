@@ -157,6 +157,7 @@ class InstanceOutcome:
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     host_calls: int = 0
+    kv_pages_peak: int = 0  # the most KV pages the server charged it at once
 
     @property
     def ok(self) -> bool:
@@ -281,7 +282,7 @@ class Instance:
             self.instance_id, "terminated",
             error=f"instance stopped: {reason} (its thread is still in a WASI call and ends when the call returns)",
             wall_seconds=time.perf_counter() - (self.launched_at or time.perf_counter()),
-            host_calls=self.context.host_calls))
+            host_calls=self.context.host_calls, kv_pages_peak=self.context.kv_pages_peak))
 
     def _settle(self, outcome: InstanceOutcome) -> None:
         """The first outcome reported wins (the thread's own, or terminate's)."""
@@ -344,6 +345,7 @@ class Instance:
         outcome.cpu_seconds = time.thread_time() - self._cpu_start
         outcome.wall_seconds = time.perf_counter() - wall_start
         outcome.host_calls = ctx.host_calls
+        outcome.kv_pages_peak = ctx.kv_pages_peak
         self._retire()
         self._settle(outcome)
 

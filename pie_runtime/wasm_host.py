@@ -306,6 +306,8 @@ class InstanceContext:
         # Starts a child instance (program name, arguments) -> future of its
         # result; set by the Instance, which knows its program and limits.
         self.launcher: Callable[[str, Sequence[str]], cf.Future] | None = None
+        # The most KV pages the server charged this instance at once (read when it closes).
+        self.kv_pages_peak = 0
         self._closed = False
 
     # ---------------------------------------------------------------- serving core
@@ -396,6 +398,10 @@ class InstanceContext:
         for model_name in states:
             served = self.host.models.get(model_name)
             if served is not None:
+                try:
+                    self.kv_pages_peak = max(self.kv_pages_peak, served.core.instance_pages(self.instance_id)[1])
+                except PieError:  # closed already (by the other thread releasing it)
+                    pass
                 try:
                     served.core.close_instance(self.instance_id)
                 except Exception:  # noqa: BLE001 - teardown must go on for the other models
