@@ -35,19 +35,9 @@ import time
 from typing import Any, Sequence
 
 import common
+from batching_policy import PROMPTS, complete
 
 COMPILES = common.CompileSpans()
-
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time, in a land far away,",
-    "def fibonacci(n):",
-    "The capital of France is",
-    "In the beginning there was",
-    "Here is a short poem about the sea:",
-    "Large language models are",
-    "The recipe calls for two cups of",
-]
 
 
 def cpu_model() -> str:
@@ -62,30 +52,12 @@ def cpu_model() -> str:
 
 
 def generate(core: Any, name: str, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], float]:
-    """One greedy generation through the serving core; (tokens, seconds without XLA compilation)."""
-    from engine_jax.batch import Sample
-
+    """One greedy generation through the serving core (batching_policy.complete: prefill, then a
+    forward per token, pages allocated as it grows); (tokens, seconds without XLA compilation)."""
     started = time.time()
-    page_size = core.page_size
-    inst = core.open_instance(name, namespace="bench")
-    try:
-        queue = inst.create_queue(0)
-        pages: list[int] = []
-        length, step, out = 0, list(prompt), []
-        for _ in range(new_tokens):
-            need = math.ceil((length + len(step)) / page_size) - len(pages)
-            if need > 0:
-                pages += queue.allocate_pages(need)
-            positions = list(range(length, length + len(step)))
-            length += len(step)
-            (token,) = queue.forward(step, positions, pages, length - (len(pages) - 1) * page_size, None,
-                                     [Sample(len(step) - 1)]).result()
-            out.append(int(token))
-            step = [int(token)]
-        ended = time.time()
-        return out, ended - started - COMPILES.within(started, ended)
-    finally:
-        core.close_instance(name)
+    tokens = complete(core, name, prompt, new_tokens)
+    ended = time.time()
+    return tokens, ended - started - COMPILES.within(started, ended)
 
 
 def run_round(engine: Any, prompts: list[list[int]], new_tokens: int, namespace_pages: int | None) -> dict:

@@ -36,34 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import PieError
+from .exports import Export, ExportCatalog
 from .limits import PageBounds
 
 AllocFn = Callable[[int], list[int]]  # raises PieError out-of-memory when the pool is short
 CopyFn = Callable[[int, int], None]  # copy_page(src_physical, dst_physical)
 
 MAX_PAGE_ID = 2**32 - 1  # page ids are WIT u32
-
-
-@dataclass
-class Export:
-    """A named set of pages in a namespace. Reserved when `export-pages` is
-    called, published (references taken) when its command reaches the head of
-    the exporter's queue, withdrawn by `unexport`, by the exporter's end (if
-    not persistent) or by eviction (persistent ones are a cache)."""
-
-    name: str
-    namespace: str
-    owner: str  # instance id of the exporter
-    virtual_ids: tuple[int, ...]
-    last_page_len: int
-    persistent: bool
-    physical: tuple[int, ...] | None = None  # set when published
-    withdrawn: bool = False
-    last_used: int = 0  # LRU clock: publish and every import
-
-    @property
-    def published(self) -> bool:
-        return self.physical is not None and not self.withdrawn
 
 
 @dataclass
@@ -95,7 +74,7 @@ class InstancePages:
         return self.swapped > 0
 
 
-class PageManager:
+class PageManager(ExportCatalog):
     """Virtual page tables, physical refcounts, namespace accounting, exports, copy-on-write and swap."""
 
     def __init__(self, page_size: int, bounds: PageBounds | None = None) -> None:
@@ -103,7 +82,7 @@ class PageManager:
         self.bounds = bounds
         self.refcount: dict[int, int] = {}
         self.instances: dict[str, InstancePages] = {}
-        self.exports: dict[str, dict[str, Export]] = {}  # namespace -> name -> export
+        self.exports: dict[str, dict[str, Export]] = {}  # namespace -> name -> export (see ExportCatalog)
         self._phys_ns: dict[int, str] = {}  # physical -> namespace of its holders
         self._ns_resident: dict[str, int] = {}
         self._ns_swapped: dict[str, int] = {}
@@ -305,119 +284,6 @@ class PageManager:
         self._bind(inst, vid, fresh)
         self._decref(phys)
         return fresh
-
-    # ---- exports ---------------------------------------------------------
-    def reserve_export(
-        self,
-        instance_id: str,
-        name: str,
-        vids: Sequence[int],
-        last_page_len: int,
-        persistent: bool,
-    ) -> Export:
-        inst = self.instance(instance_id)
-        if not name:
-            raise PieError.invalid("export name must not be empty")
-        if not vids:
-            raise PieError.invalid("an export needs at least one page")
-        if not 1 <= last_page_len <= self.page_size:
-            raise PieError.invalid(f"last_page_len {last_page_len} is outside 1..{self.page_size}")
-        self.check_live(instance_id, vids, distinct=True)
-        if persistent and self.bounds is not None and len(vids) > self.bounds.exports:
-            raise PieError.out_of_memory(
-                f"a persistent export of {len(vids)} pages exceeds the {self.bounds.exports} pages a namespace's "
-                "persistent exports may hold")
-        ns = self.exports.setdefault(inst.namespace, {})
-        if name in ns:
-            raise PieError.already_exists(f"an export named {name!r} already exists in namespace {inst.namespace!r}")
-        exp = Export(name, inst.namespace, instance_id, tuple(vids), last_page_len, persistent)
-        ns[name] = exp
-        return exp
-
-    def publish_export(self, exp: Export) -> int:
-        """Takes the export's references, in the exporter's queue order (so the
-        pages hold everything earlier commands wrote into them). A persistent
-        export past its namespace's cap evicts that namespace's least
-        recently used persistent exports; returns how many it evicted."""
-        if exp.withdrawn:
-            return 0
-        inst = self.instance(exp.owner)
-        missing = [vid for vid in exp.virtual_ids if vid not in inst.table]
-        if missing:
-            # Freed by a command on another of the exporter's queues, which
-            # ran first: queues are not ordered with respect to each other.
-            self.exports.get(exp.namespace, {}).pop(exp.name, None)
-            exp.withdrawn = True
-            raise PieError.not_found(f"export {exp.name!r}: page {missing[0]} was freed before the export took effect")
-        physical = tuple(inst.table[vid] for vid in exp.virtual_ids)
-        for phys in physical:
-            self.refcount[phys] += 1
-        exp.physical = physical
-        exp.last_used = next(self._clock)
-        return self._trim_exports(exp.namespace) if exp.persistent else 0
-
-    def _trim_exports(self, namespace: str) -> int:
-        if self.bounds is None:
-            return 0
-        evicted = 0
-        while self.persistent_export_pages(namespace) > self.bounds.exports:
-            oldest = min((e for e in self.exports.get(namespace, {}).values() if e.persistent and e.published),
-                         key=lambda e: e.last_used)
-            self.evict(oldest)
-            evicted += 1
-        return evicted
-
-    def persistent_export_pages(self, namespace: str) -> int:
-        pages: set[int] = set()
-        for exp in self.exports.get(namespace, {}).values():
-            if exp.persistent and exp.published:
-                pages.update(exp.physical or ())
-        return len(pages)
-
-    def evictable_exports(self) -> list[Export]:
-        """Persistent exports whose exporter has ended, least recently used first:
-        a cache the pool may drop under pressure."""
-        found = [e for ns in self.exports.values() for e in ns.values()
-                 if e.persistent and e.published and e.owner not in self.instances]
-        return sorted(found, key=lambda e: e.last_used)
-
-    def evict(self, exp: Export) -> None:
-        """Withdraws an export as if unexported: later imports of its name get not-found."""
-        self.exports.get(exp.namespace, {}).pop(exp.name, None)
-        self._withdraw(exp)
-
-    def unexport(self, namespace: str, name: str) -> None:
-        exp = self.exports.get(namespace, {}).pop(name, None)
-        if exp is None:
-            raise PieError.not_found(f"no export named {name!r}")
-        self._withdraw(exp)
-
-    def lookup_export(self, namespace: str, name: str) -> Export:
-        exp = self.exports.get(namespace, {}).get(name)
-        if exp is None:
-            raise PieError.not_found(f"no export named {name!r}")
-        return exp
-
-    def import_export(self, instance_id: str, exp: Export) -> tuple[list[int], int]:
-        """New virtual ids sharing the export's physical pages (zero-copy)."""
-        inst = self.instance(instance_id)
-        if not exp.published:
-            raise PieError.not_found(f"export {exp.name!r} is not published")
-        assert exp.physical is not None
-        self.check_room(instance_id, len(set(exp.physical) - set(inst.phys_count)))
-        exp.last_used = next(self._clock)
-        return [self._bind(inst, self._new_id(inst), phys) for phys in exp.physical], exp.last_page_len
-
-    def list_exports(self, namespace: str) -> list[str]:
-        return sorted(name for name, exp in self.exports.get(namespace, {}).items() if exp.published)
-
-    def _withdraw(self, exp: Export) -> None:
-        if exp.withdrawn:
-            return
-        exp.withdrawn = True
-        if exp.physical is not None:
-            for phys in exp.physical:
-                self._decref(phys)
 
     # ---- swap (preemption) ---------------------------------------------------
     def page_holders(self) -> dict[int, set[str]]:
