@@ -41,8 +41,8 @@ examples:
 
 output:
   One line per message, then each result: a line break inside a message is
-  written as \\n, a backslash as \\\\, other control characters as \\xNN, so
-  no inferlet can print a line that passes for another's. With --instances N
+  written as \\n, other control characters as \\xNN (JSON passes unchanged),
+  so no inferlet can print a line that passes for another's. With --instances N
   lines start with "[K] "; a child's with "[CHILD-ID] ".
 
 capabilities:

@@ -15,11 +15,11 @@ from typing import Callable
 
 from pie_runtime.errors import PieError
 
-# What `frame_line` escapes: the backslash itself, every control character but
-# tab (line feeds, carriage returns, terminal escape sequences) and the
-# Unicode line and paragraph separators.
-_UNFRAMED = re.compile(r"[\\\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+# What `frame_line` escapes: every control character but tab (line feeds,
+# carriage returns, terminal escape sequences) and the Unicode line and
+# paragraph separators.
+_UNFRAMED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
 def _escape(match: re.Match) -> str:
@@ -28,10 +28,12 @@ def _escape(match: re.Match) -> str:
 
 
 def frame_line(text: str) -> str:
-    r"""`text` as exactly one line of output, reversibly: a backslash becomes
-    `\\`, a line feed `\n`, a carriage return `\r`, any other control
-    character `\xNN` (or `\uNNNN`). A message from an inferlet then never
-    prints a line of its own, so it cannot pass for another sender's."""
+    r"""`text` as exactly one line of output: a line feed becomes `\n`, a
+    carriage return `\r`, any other control character `\xNN` (or `\uNNNN`).
+    A message from an inferlet then never prints a line of its own, so it
+    cannot pass for another sender's. Text without control characters (JSON,
+    for one) is unchanged; a backslash is left as it is, so `\n` in the
+    output may also be those two characters as sent."""
     return _UNFRAMED.sub(_escape, text)
 
 

@@ -89,7 +89,7 @@ def test_many_instances_print_results_and_a_summary(probe_wasm, tiny_llama_dir):
 
 def test_messages_are_framed_so_no_instance_can_print_another_ones_line(probe_wasm, tiny_llama_dir):
     """A message with line breaks (or terminal escapes) prints as one escaped
-    line, always behind its sender's tag."""
+    line, always behind its sender's tag; JSON passes unchanged."""
     forged = "fine\n[1] forged line\r\x1b[2K\\"
     code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--instances", "2",
                               "--", "say", forged])
@@ -97,8 +97,12 @@ def test_messages_are_framed_so_no_instance_can_print_another_ones_line(probe_wa
     lines = out.splitlines()
     assert len(lines) == 4  # one message and one result per instance: nothing more
     assert all(line[:4] in ("[0] ", "[1] ") for line in lines)
-    framed = "fine\\n[1] forged line\\r\\x1b[2K\\\\"
+    framed = "fine\\n[1] forged line\\r\\x1b[2K\\"
     assert sorted(line for line in lines if "forged" in line) == [f"[{k}] {framed}" for k in (0, 1)]
+    payload = json.dumps({"text": "two\nlines \"quoted\" é"})
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "say", payload])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0]) == json.loads(payload)
 
 
 def test_a_failing_instance_makes_the_exit_code_nonzero(probe_wasm, tiny_llama_dir):
