@@ -79,13 +79,17 @@ def _wait_for_keys(host, prefix, count, namespace="default", timeout=60.0):
         time.sleep(0.02)
 
 
-def _assert_back_to_idle(core, before, timeout=30.0):
-    """Pool, threads and file descriptors back to what they were before the
-    test (fewer descriptors is fine: the collector may close an earlier test's)."""
+def _assert_back_to_idle(core, before, host, timeout=30.0):
+    """Pool, instances, threads and file descriptors back to what they were
+    before the test (fewer descriptors is fine: the collector may close an
+    earlier test's)."""
     assert core.wait_idle(timeout)
-    assert core.held_pages() == 0 and core.free_pages() == NUM_PAGES
+    assert core.held_pages() == 0 and core.free_pages() == NUM_PAGES and core.suspended_instances() == []
     core.check_invariants()
     deadline = time.monotonic() + timeout
+    while host.live_instances() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.live_instances() == 0
 
     def leaked() -> bool:
         threads, fds = _counts()
@@ -119,7 +123,7 @@ def test_fresh_pages_hold_nothing_of_their_previous_owner(host, hostile, probe, 
     assert victim.wait(120).ok
     second = _ok_json(launch(host, hostile, "steal", pages, vocab, namespace="mallory").wait(120))
     assert second["logprobs"] == first["logprobs"]  # bit for bit (JSON round-trips floats exactly)
-    _assert_back_to_idle(core, before)
+    _assert_back_to_idle(core, before, host)
 
 
 # --------------------------------------------------------------------------- terminate
@@ -144,13 +148,13 @@ def test_terminate_releases_a_tree_blocked_in_wasi_within_a_second(host, hostile
     assert all(c.outcome.result(1).status == "terminated" for c in parent.children)
     assert _ok_json(normal.wait(120))["tokens"] == expected
     assert core.wait_idle(5) and core.held_pages() == 0
-    _assert_back_to_idle(core, before)  # the sleeping threads end when their sleep does
+    _assert_back_to_idle(core, before, host)  # the sleeping threads end when their sleep does
 
 
 # --------------------------------------------------------------------------- messaging
 
 
-def test_broadcast_topics_are_namespaced(host, hostile, probe):
+def test_broadcast_topics_are_namespaced(host, hostile, probe, core, before):
     snoop = launch(host, hostile, "snoop", "news", "1500", namespace="mallory")
     _wait_for_keys(host, "snooping/", 1, namespace="mallory")
     subs = [launch(host, probe, "sub", "news", "2", namespace="alice") for _ in range(2)]
@@ -159,6 +163,7 @@ def test_broadcast_topics_are_namespaced(host, hostile, probe):
     for s in subs:
         assert _ok_json(s.wait(60)) == {"got": ["msg-0", "msg-1"]}
     assert _ok_json(snoop.wait(60)) == {"got": None}
+    _assert_back_to_idle(core, before, host)
 
 
 # --------------------------------------------------------------------------- fair share
@@ -182,7 +187,7 @@ def test_a_tenant_taking_the_whole_pool_cannot_make_a_cotenant_fail(host, hostil
     assert core.stats.preemptions > preempted
     client.deliver("done")
     assert _ok_json(hog.wait(60)) == {"code": "ok"}  # the hog itself lost nothing either
-    _assert_back_to_idle(core, before)
+    _assert_back_to_idle(core, before, host)
 
 
 def test_persistent_export_spam_cannot_pin_the_pool(host, hostile, probe, core, expected, before):
@@ -195,7 +200,7 @@ def test_persistent_export_spam_cannot_pin_the_pool(host, hostile, probe, core, 
     assert _ok_json(_normal(host, probe, namespace="alice").wait(120))["tokens"] == expected
     assert _ok_json(launch(host, hostile, "allocate", str(NUM_PAGES)).wait(60)) == {"code": "ok"}
     assert core.namespace_pages("mallory") == 0  # the whole pool was wanted: the cache went
-    _assert_back_to_idle(core, before)
+    _assert_back_to_idle(core, before, host)
 
 
 # --------------------------------------------------------------------------- bounds
@@ -207,7 +212,7 @@ def test_the_key_value_store_is_bounded_per_namespace(host, hostile, probe, befo
     used, keys = host.kvstore.namespace_usage("mallory")
     assert used <= LIMITS.kv_bytes and keys > 0
     assert run_kv(host, probe, "alice") == {"value": "hi", "keys": ["greeting"], "deleted_missing": False}
-    _assert_back_to_idle(core, before)
+    _assert_back_to_idle(core, before, host)
 
 
 def run_kv(host, probe, namespace):
@@ -236,7 +241,7 @@ def test_launch_trees_and_the_server_bound_instances_and_memory(host, hostile, p
         c.deliver("bye")
         assert inst.wait(60).ok
     assert server.live_instances() == 0 and host.live_instances() == 0
-    _assert_back_to_idle(core, before)
+    _assert_back_to_idle(core, before, host)
 
 
 def test_guest_output_is_bounded(engine, core, hostile):
@@ -251,7 +256,7 @@ def test_guest_output_is_bounded(engine, core, hostile):
     assert lines[-1].startswith("[output limit of") and len(lines) < 400
 
 
-def test_filesystem_grants_are_read_only_unless_write_is_granted(host, hostile, tmp_path):
+def test_filesystem_grants_are_read_only_unless_write_is_granted(host, hostile, tmp_path, core, before):
     (tmp_path / "existing.txt").write_text("public data")
     directory = str(tmp_path)
     read_only = _ok_json(launch(host, hostile, "files", directory, grant=Capabilities(fs=(directory,))).wait(60))
@@ -262,3 +267,4 @@ def test_filesystem_grants_are_read_only_unless_write_is_granted(host, hostile, 
     assert read_write["write"] == "ok" and (tmp_path / "written.txt").read_text() == "tenant was here"
     nothing = _ok_json(launch(host, hostile, "files", directory).wait(60))
     assert nothing["read"].startswith("error") and nothing["write"].startswith("error")
+    _assert_back_to_idle(core, before, host)
