@@ -300,6 +300,7 @@ def _run(args: argparse.Namespace, limits: Any, wasm: Path, inferlet_args: list[
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
+    from pie_runtime.errors import PieError
     from pie_runtime.instance import Instance, InstanceLimits
     from pie_runtime.messaging import ClientChannel
     from pie_runtime.serving import ServingCore
@@ -338,7 +339,13 @@ def _run(args: argparse.Namespace, limits: Any, wasm: Path, inferlet_args: list[
     started = time.perf_counter()
     try:
         for inst in instances:
-            inst.start()
+            try:
+                inst.start()
+            except PieError as e:  # past a tenant limit (e.g. --tree-memory-bytes 0)
+                console.error(f"pie-run: cannot start an instance: {e.message}")
+                for started_inst in instances:
+                    started_inst.terminate("pie-run could not start every instance")
+                return EXIT_USAGE
         reader.start()
         outcomes = [inst.wait() for inst in instances]
     finally:

@@ -6,22 +6,27 @@ An allocation the pool cannot serve now does not fail: it becomes a
 to be restored). The engine thread serves them between steps (`serve`), in
 one fair order, best first:
 
-1. *within its namespace's fair share*: the namespace's resident pages plus
-   what the request would add fit in `pool / active namespaces` (a tenant
-   past its share cannot push out one within it; between instances of one
-   namespace this criterion does not apply);
+1. *within its namespace's fair share*: the namespace's resident pages fit
+   in `pool / active namespaces` (a tenant past its share cannot push out
+   one within it: to preempt another namespace's instance, a request must
+   also keep its own namespace within its share once granted; between
+   instances of one namespace this criterion does not apply);
 2. higher queue priority (the instance's highest);
 3. older instance (opened earlier).
 
 Requests are served strictly in that order: one that cannot be served now
-holds back those behind it, so a large request is not starved by small ones.
-When the best request cannot be served from free pages, the arbiter makes
-room: it first evicts the least recently used persistent exports whose
-exporter has ended (a cache), then *preempts* victims: instances ranking
-below the request in the same order, or idle for `idle_victim_s` (nothing
-queued, nothing in flight, no request), lowest first. A victim's exclusive
-pages are copied to host memory and freed (`Engine.save_pages`); its ids
-stay valid, its commands wait, and when it has work again it is restored
+holds back those behind it, so a large request is not starved by small ones
+(one that waits only for room under its namespace's quota holds back only
+its namespace's). When the best request cannot be served from free pages,
+the arbiter makes room: it first evicts the least recently used persistent
+exports whose exporter has ended (a cache), then *preempts* victims:
+instances ranking below the request in the same order, or idle for
+`idle_victim_s` (nothing queued, nothing in flight, no request), lowest
+first. Their pages are copied to host memory and freed
+(`Engine.save_pages`); a page shared with others goes only if every
+instance holding it is a victim, and every holder (exports too) keeps a
+swap handle in its place (`PageManager.swap_out`). A preempted instance's
+ids stay valid, its commands wait, and when it has work again it is restored
 into fresh pages (`Engine.load_pages`) as a request of its own, in the same
 order. The inferlet notices nothing but the delay: the pages come back bit
 for bit, so its outputs are exactly those of an unpressured run. Preemption
@@ -172,15 +177,19 @@ class MemoryArbiter:
             if instance_id not in waiting and activity.has_work(instance_id):
                 pending.append(PageRequest(instance_id, 0, "restore", since=now))
         retry: float | None = None
-        for request in sorted(pending, key=lambda r: self._key(r.instance_id, self._need(r), activity), reverse=True):
+        blocked: set[str] = set()  # namespaces whose best request waits for room under their quota
+        for request in sorted(pending, key=lambda r: self._key(r.instance_id, 0, activity), reverse=True):
             inst = self.pages.instances.get(request.instance_id)
-            if inst is None:
+            if inst is None or inst.namespace in blocked:
                 continue
             need = self._need(request)
             if not self._fits(request, need):
                 retry = self._make_room(request, need, activity, now)
             if not self._fits(request, need):
-                break  # strict order: the rest wait behind it
+                if need > self.budget():
+                    break  # strict order: the rest wait behind it for the pool
+                blocked.add(inst.namespace)  # its namespace's quota, not the pool: others go on
+                continue
             self._grant(request, inst)
         return retry
 

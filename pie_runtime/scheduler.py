@@ -213,6 +213,10 @@ class Scheduler:
         self.flush_released()
         if self.arbiter.can_take(instance_id, count) and not self.pages.instance(instance_id).suspended:
             return self.pages.allocate(instance_id, count, self._take_pages)
+        if not self.running:
+            raise PieError.out_of_memory(
+                f"KV pool has {self.engine.pool.num_free} free pages, {count} requested, and the engine is "
+                "stopped: nothing can make room")
         request = PageRequest(instance_id, count, "allocate")
         self.arbiter.add(request)
         self.stats.alloc_waits += 1

@@ -118,6 +118,9 @@ def test_tenant_limit_options_reach_the_server(tiny_llama_dir):
                               "--", "allocate", "3"])
     assert code == 0, err
     assert json.loads(out.splitlines()[-1]) == {"code": "out-of-memory"}
+    code, _, err = pie_run([hostile, "--model", tiny_llama_dir, *MODEL_OPTS, "--tree-memory-bytes", "0",
+                            "--", "allocate", "1"])
+    assert code == 2 and "cannot start an instance" in err and "tree_memory_bytes" in err
     assert pie_run(["x.wasm", "--kv-keys", "-1"])[0] == 2
 
 

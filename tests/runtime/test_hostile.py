@@ -208,7 +208,11 @@ def test_persistent_export_spam_cannot_pin_the_pool(host, hostile, probe, core, 
 
 def test_the_key_value_store_is_bounded_per_namespace(host, hostile, probe, before, core):
     flood = launch(host, hostile, "kv_flood", "1000", namespace="mallory").wait(60)
-    assert flood.status == "trap" and "out-of-memory" in flood.error and "kv_bytes" in flood.error
+    if flood.ok:  # contract 0.2: `set` returns the error
+        refused = json.loads(flood.value)
+        assert refused["code"] == "out-of-memory" and "kv_bytes" in refused["message"]
+    else:  # contract 0.1: `set` has no result, so the error traps the instance
+        assert flood.status == "trap" and "out-of-memory" in flood.error and "kv_bytes" in flood.error
     used, keys = host.kvstore.namespace_usage("mallory")
     assert used <= LIMITS.kv_bytes and keys > 0
     assert run_kv(host, probe, "alice") == {"value": "hi", "keys": ["greeting"], "deleted_missing": False}

@@ -96,11 +96,15 @@ def mode_export_spam(args):
 
 
 def mode_kv_flood(args):
-    """Stores values of args[0] bytes under new keys until the store refuses (a trap, in contract 0.1)."""
+    """Stores values of args[0] bytes under new keys until the store refuses: a trap in contract
+    0.1 (`set` has no result), an error result from 0.2 on (reported with how many were stored)."""
     value = "v" * int(args[0])
     i = 0
     while True:
-        kvstore.set(f"flood/{i}", value)
+        try:
+            kvstore.set(f"flood/{i}", value)
+        except Err as e:
+            return {"stored": i, "code": _code(e), "message": e.value.message}
         i += 1
 
 
