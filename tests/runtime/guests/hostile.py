@@ -23,6 +23,14 @@ def _open():
     return model.Model.open(runtime.models()[0])
 
 
+def _forward(q, request):
+    """queue.forward under contract 0.1 (the request alone) and 0.2 (with forward-options):
+    the contract moves to 0.2 in a concurrent branch."""
+    if hasattr(inference, "ForwardOptions"):
+        return q.forward(request, inference.ForwardOptions(feed_previous=False, draws=[]))
+    return q.forward(request)
+
+
 def mode_steal(args):
     """The stale-KV attack: takes `args[0]` fresh pages, makes every slot
     attendable (`mask-slots(..., masked=false)`) without writing any, and
@@ -40,7 +48,7 @@ def mode_steal(args):
     request = inference.ForwardRequest(
         tokens=[1], positions=[seq_len - 1], pages=pages, last_page_len=ps, mask=None,
         outputs=[inference.OutputRequest_Logprobs(inference.LogprobsSpec(index=0, tokens=list(range(vocab))))])
-    result = q.forward(request).get()
+    result = _forward(q, request).get()
     q.free_pages(pages)
     q.synchronize().get()
     return {"logprobs": result[0].value}
@@ -89,8 +97,8 @@ def mode_export_spam(args):
     ps = m.info().page_size
     pages = q.allocate_pages(int(args[1]))
     n = len(pages) * ps
-    q.forward(inference.ForwardRequest(tokens=[5] * n, positions=list(range(n)), pages=pages,
-                                       last_page_len=ps, mask=None, outputs=[]))
+    _forward(q, inference.ForwardRequest(tokens=[5] * n, positions=list(range(n)), pages=pages,
+                                         last_page_len=ps, mask=None, outputs=[]))
     q.export_pages(args[0], pages, ps, True)
     return "exported"
 
