@@ -32,7 +32,16 @@ from engine_jax.batch import (
 )
 from engine_jax.config import ModelConfig
 from engine_jax.families import family_of
-from engine_jax.kv_cache import KVCache, PagePool, create_kv_cache, pages_for_budget
+from engine_jax.kv_cache import (
+    HostPages,
+    KVCache,
+    PagePool,
+    clear_pages,
+    create_kv_cache,
+    pages_for_budget,
+    read_pages,
+    write_pages,
+)
 from engine_jax.map_budget import MapBudget
 from engine_jax.model import Params, TokenBatch
 from engine_jax.paged_attention import AttentionFn, resolve_attention
@@ -130,10 +139,6 @@ _step_jit = jax.jit(
 )
 
 
-def _clear_valid(slot_valid, pages):
-    return slot_valid.at[pages].set(False, mode="drop")
-
-
 def _copy_slots(cache, src_page, src_offset, dst_page, dst_offset, count):
     page_size = cache.page_size
     i = jnp.arange(page_size, dtype=jnp.int32)
@@ -159,7 +164,6 @@ def _set_valid(slot_valid, page, offset, count, valid):
     return slot_valid.at[page].set(row)
 
 
-_clear_jit = jax.jit(_clear_valid, donate_argnums=(0,))
 _copy_jit = jax.jit(_copy_slots, donate_argnums=(0,))
 _set_jit = jax.jit(_set_valid, donate_argnums=(0,))
 
@@ -215,8 +219,12 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, req: ForwardRequest) -> None:
-        """Raises EngineInputError naming the offending field if ``req`` cannot run."""
+    def validate(self, req: ForwardRequest, *, check_pages: bool = True) -> None:
+        """Raises EngineInputError naming the offending field if ``req`` cannot run.
+
+        ``check_pages=False`` skips the checks of the page ids themselves (in
+        range, allocated, distinct) for a caller that checks its own ids and
+        maps them to physical pages later (the serving core)."""
         c, ps = self.config, self.page_size
         n = len(req.tokens)
         if n == 0:
@@ -236,12 +244,12 @@ class Engine:
         if len(req.pages) == 0:
             raise EngineInputError("pages is empty: the new tokens need at least one page")
         pages = _int_list(req.pages, "pages")
-        for p in pages:
+        for p in pages if check_pages else ():
             if not 0 <= p < self.num_pages:
                 raise EngineInputError(f"page id {p} is out of range 0..{self.num_pages - 1}")
             if not self.pool.is_allocated(p):
                 raise EngineInputError(f"page {p} is not allocated")
-        if len(set(pages)) != len(pages):
+        if check_pages and len(set(pages)) != len(pages):
             raise EngineInputError(f"pages contains a page more than once: {list(pages)}")
         if not isinstance(req.last_page_len, (int, np.integer)) or not 1 <= req.last_page_len <= ps:
             raise EngineInputError(f"last_page_len={req.last_page_len!r} is not in 1..{ps} (page_size)")
@@ -482,12 +490,12 @@ class Engine:
     # ------------------------------------------------------------------ device ops on the pool
 
     def _flush_fresh_pages(self) -> None:
+        """Clears the pages allocated since the last device op (K, V and valid bits: see kv_cache)."""
         fresh = self.pool.take_fresh()
         if fresh:
             ids = np.full(_bucket(len(fresh)), self.num_pages, np.int32)
             ids[:len(fresh)] = fresh
-            slot_valid = _clear_jit(self.cache.slot_valid, ids)
-            self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
+            self.cache = clear_pages(self.cache, ids)
 
     def _check_range(self, page: int, offset: int, count: int, what: str) -> None:
         if not 0 <= page < self.num_pages:
@@ -521,6 +529,20 @@ class Engine:
         self._flush_fresh_pages()
         slot_valid = _set_jit(self.cache.slot_valid, np.int32(page), np.int32(offset), np.int32(count), np.bool_(valid))
         self.cache = dataclasses.replace(self.cache, slot_valid=slot_valid)
+
+    def save_pages(self, pages: Sequence[int]) -> HostPages:
+        """A host copy of whole pages (K, V in every layer, valid bits), e.g. before they are freed."""
+        for page in pages:
+            self._check_range(page, 0, 0, "saved")
+        self._flush_fresh_pages()
+        return read_pages(self.cache, pages)
+
+    def load_pages(self, pages: Sequence[int], saved: HostPages) -> None:
+        """Overwrites allocated ``pages`` with what ``save_pages`` returned (row i -> pages[i])."""
+        for page in pages:
+            self._check_range(page, 0, 0, "loaded")
+        self._flush_fresh_pages()
+        self.cache = write_pages(self.cache, pages, saved)
 
     def slot_valid(self) -> np.ndarray:
         """A host copy of the valid bits ``[num_pages, page_size]`` (for inspection and tests)."""

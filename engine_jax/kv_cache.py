@@ -9,6 +9,17 @@ application, or on a page freshly handed out by ``PagePool.alloc``.
 ``positions[page, offset]`` (only for models whose attention windows are by
 position, e.g. Gemma 3's local layers; None otherwise) is the RoPE position
 of the token written into the slot.
+
+Pages are cleared on reuse: before a page freshly handed out by
+``PagePool.alloc`` is used (by a step or any device op), ``clear_pages``
+zeroes its K and V in every layer and clears its valid bits. A new owner
+therefore finds exactly what a never-used page holds, whatever it does with
+the slots (even making unwritten ones attendable), and its results are
+bit-identical to those on a pool nobody used before.
+
+``read_pages`` / ``write_pages`` move whole pages (K, V, valid bits) between
+the pool and host memory: the serving core preempts an instance under memory
+pressure by saving its pages on the host and restores them later.
 """
 
 from __future__ import annotations
@@ -70,6 +81,99 @@ def create_kv_cache(
     )
 
 
+def _clear_pages(cache: KVCache, pages: jax.Array) -> KVCache:
+    """Zeroes K and V and invalidates every slot of ``pages`` (ids >= num_pages are padding: dropped)."""
+
+    def zero(a: jax.Array) -> jax.Array:
+        return a.at[pages].set(0, mode="drop")
+
+    return KVCache(
+        k=tuple(zero(a) for a in cache.k),
+        v=tuple(zero(a) for a in cache.v),
+        slot_valid=cache.slot_valid.at[pages].set(False, mode="drop"),
+        positions=None if cache.positions is None else zero(cache.positions),
+    )
+
+
+def _read_pages(cache: KVCache, pages: jax.Array) -> tuple:
+    positions = None if cache.positions is None else cache.positions[pages]
+    return (tuple(a[pages] for a in cache.k), tuple(a[pages] for a in cache.v), cache.slot_valid[pages], positions)
+
+
+def _write_pages(cache: KVCache, pages: jax.Array, k: tuple, v: tuple, valid: jax.Array,
+                 positions: jax.Array | None) -> KVCache:
+    def put(a: jax.Array, rows: jax.Array) -> jax.Array:
+        return a.at[pages].set(rows.astype(a.dtype), mode="drop")
+
+    return KVCache(
+        k=tuple(put(a, rows) for a, rows in zip(cache.k, k)),
+        v=tuple(put(a, rows) for a, rows in zip(cache.v, v)),
+        slot_valid=put(cache.slot_valid, valid),
+        positions=None if cache.positions is None else put(cache.positions, positions),
+    )
+
+
+clear_pages = jax.jit(_clear_pages, donate_argnums=(0,))
+_read_jit = jax.jit(_read_pages)
+_write_jit = jax.jit(_write_pages, donate_argnums=(0,))
+
+
+@dataclass(frozen=True)
+class HostPages:
+    """Whole pages copied to host memory (row i is the i-th page read)."""
+
+    k: tuple[np.ndarray, ...]  # per layer [n, page_size, num_kv_heads, head_dim]
+    v: tuple[np.ndarray, ...]
+    valid: np.ndarray  # bool[n, page_size]
+    positions: np.ndarray | None = None  # int32[n, page_size] for pools that keep slot positions
+
+    def __len__(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.positions.nbytes if self.positions is not None else 0
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v) + self.valid.nbytes + extra
+
+    def select(self, rows: Iterable[int]) -> "HostPages":
+        """These rows only, in this order."""
+        index = np.asarray(list(rows), dtype=np.int64)
+        return HostPages(tuple(a[index] for a in self.k), tuple(a[index] for a in self.v), self.valid[index],
+                         None if self.positions is None else self.positions[index])
+
+
+def _padded_ids(pages: Iterable[int], pad: int) -> np.ndarray:
+    """``pages`` padded to a power of two with ``pad`` (few compiled shapes)."""
+    pages = [int(p) for p in pages]
+    ids = np.full(1 << max(0, (len(pages) - 1).bit_length()), pad, np.int32)
+    ids[:len(pages)] = pages
+    return ids
+
+
+def read_pages(cache: KVCache, pages: Iterable[int]) -> HostPages:
+    """A host copy of whole pages of the pool."""
+    pages = list(pages)
+    k, v, valid, positions = jax.device_get(_read_jit(cache, _padded_ids(pages, 0)))
+    n = len(pages)
+    return HostPages(tuple(np.asarray(a[:n]) for a in k), tuple(np.asarray(a[:n]) for a in v),
+                     np.asarray(valid[:n]), None if positions is None else np.asarray(positions[:n]))
+
+
+def write_pages(cache: KVCache, pages: Iterable[int], host: HostPages) -> KVCache:
+    """``cache`` with ``pages`` overwritten by ``host`` (as many rows as pages)."""
+    pages = list(pages)
+    if len(pages) != len(host):
+        raise EngineInputError(f"{len(pages)} pages for {len(host)} saved pages")
+    ids = _padded_ids(pages, cache.num_pages)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros((len(ids) - len(a),) + a.shape[1:], a.dtype)]) if len(ids) > len(a) else a
+
+    positions = None if cache.positions is None else pad(host.positions)
+    return _write_jit(cache, ids, tuple(pad(a) for a in host.k), tuple(pad(a) for a in host.v), pad(host.valid),
+                      positions)
+
+
 class OutOfPages(EngineInputError):
     """The pool has fewer free pages than requested."""
 
@@ -78,8 +182,8 @@ class PagePool:
     """Host-side free list of physical page ids.
 
     Pages handed out by ``alloc`` are remembered until ``take_fresh`` so the
-    engine can clear their valid bits before their first use: a reused page
-    must never expose its previous owner's KV.
+    engine can clear them (``clear_pages``) before their first use: a reused
+    page must never expose its previous owner's KV.
 
     Thread-safe: a server allocates and frees on its request threads while
     the engine thread takes the fresh pages at the start of a step.
@@ -134,7 +238,7 @@ class PagePool:
         return 0 <= page < self._num_pages and not self._is_free[page]
 
     def take_fresh(self) -> list[int]:
-        """Pages allocated since the last call (the engine clears their valid bits)."""
+        """Pages allocated since the last call (the engine clears them)."""
         with self._lock:
             fresh, self._fresh = self._fresh, []
         return fresh

@@ -143,7 +143,12 @@ class InstanceRegistry:
             record = ServerInstance(instance_id, tenant, program.name, instance, buffer, owner=owner)
             self._records[instance_id] = record
         instance.outcome.add_done_callback(lambda done: self._ended(record, done.result()))
-        instance.start()
+        try:
+            instance.start()
+        except PieError as e:  # past an operator's limit (live instances, launch-tree memory)
+            with self._lock:
+                self._records.pop(instance_id, None)
+            raise ProtocolError("limit", e.message) from None
         return record
 
     def _admit(self, tenant: str) -> None:
