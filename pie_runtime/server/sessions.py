@@ -232,6 +232,11 @@ class InstanceRegistry:
             if record.ended_at is None:
                 record.instance.terminate(reason)
 
+    def streaming(self) -> list[ServerInstance]:
+        """Instances whose client has not been sent their final event yet."""
+        with self._lock:
+            return [r for r in self._records.values() if r.owner is not None]
+
     def running(self) -> list[ServerInstance]:
         with self._lock:
             return [r for r in self._records.values() if r.ended_at is None]
