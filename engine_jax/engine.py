@@ -34,7 +34,17 @@ from engine_jax.batch import (
 )
 from engine_jax.config import ModelConfig
 from engine_jax.families import family_of
-from engine_jax.kv_cache import KVCache, PagePool, create_kv_cache, pages_for_budget
+from engine_jax.kv_cache import (
+    HostPages,
+    KVCache,
+    PagePool,
+    clear_pages,
+    create_kv_cache,
+    gather_pages,
+    page_ids,
+    pages_for_budget,
+    write_rows,
+)
 from engine_jax.map_budget import MapBudget
 from engine_jax.model import Params, TokenBatch
 from engine_jax.paged_attention import AttentionFn, resolve_attention
@@ -136,10 +146,6 @@ _step_jit = jax.jit(
 )
 
 
-def _clear_valid(slot_valid, pages):
-    return slot_valid.at[pages].set(False, mode="drop")
-
-
 def _copy_slots(cache, src_page, src_offset, dst_page, dst_offset, count):
     page_size = cache.page_size
     i = jnp.arange(page_size, dtype=jnp.int32)
@@ -165,22 +171,25 @@ def _set_valid(slot_valid, page, offset, count, valid):
     return slot_valid.at[page].set(row)
 
 
-_clear_jit = jax.jit(_clear_valid, donate_argnums=(0,))
 _copy_jit = jax.jit(_copy_slots, donate_argnums=(0,))
 _set_jit = jax.jit(_set_valid, donate_argnums=(0,))
 
-PoolOp = Callable[..., tuple[KVCache, Any]]
-# The KV-pool ops besides the step: (cache, host arrays, **static) -> (new cache, result or None).
-# Every op that touches the pool goes through ``Engine._device_op`` by name, so a multi-host
-# leader replays it on its followers, and ``engine_jax.replicas.ReplicatedEngine`` routes the
-# public method to the replica that holds the pages. A new pool op is a row here plus an Engine
-# method that validates its arguments and calls ``_device_op`` (and a ReplicatedEngine method).
+PoolOp = Callable[[KVCache, dict[str, Any], Any], tuple[KVCache, Any]]
+# The KV-pool ops besides the step: (cache, host arrays, TensorParallel or None) -> (new cache,
+# device result or None). Every op that touches the pool goes through ``Engine._device_op`` by
+# name, so a multi-host leader replays it on its followers (host arrays in, so they can be sent),
+# and ``engine_jax.replicas.ReplicatedEngine`` routes the public method to the replica that holds
+# the pages. A result must be whole on every device (a multi-host leader reads its own copy). A
+# new pool op is a row here plus an Engine method that checks its arguments and calls
+# ``_device_op`` (and a ReplicatedEngine method).
 POOL_OPS: dict[str, PoolOp] = {
-    "clear": lambda cache, a: (dataclasses.replace(cache, slot_valid=_clear_jit(cache.slot_valid, a["pages"])), None),
-    "copy": lambda cache, a: (_copy_jit(cache, *(a[k] for k in ("src_page", "src_offset", "dst_page", "dst_offset",
-                                                                  "count"))), None),
-    "set": lambda cache, a: (dataclasses.replace(cache, slot_valid=_set_jit(
+    "clear": lambda cache, a, tp: (clear_pages(cache, a["pages"]), None),
+    "copy": lambda cache, a, tp: (_copy_jit(cache, *(a[k] for k in ("src_page", "src_offset", "dst_page",
+                                                                      "dst_offset", "count"))), None),
+    "set": lambda cache, a, tp: (dataclasses.replace(cache, slot_valid=_set_jit(
         cache.slot_valid, *(a[k] for k in ("page", "offset", "count", "valid")))), None),
+    "save": lambda cache, a, tp: (cache, gather_pages(cache, a["pages"], tp.replicated if tp else None)),
+    "load": lambda cache, a, tp: (write_rows(cache, a["pages"], a), None),
 }
 
 
@@ -254,8 +263,12 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, req: ForwardRequest) -> None:
-        """Raises EngineInputError naming the offending field if ``req`` cannot run."""
+    def validate(self, req: ForwardRequest, *, check_pages: bool = True) -> None:
+        """Raises EngineInputError naming the offending field if ``req`` cannot run.
+
+        ``check_pages=False`` skips the checks of the page ids themselves (in
+        range, allocated, distinct) for a caller that checks its own ids and
+        maps them to physical pages later (the serving core)."""
         c, ps = self.config, self.page_size
         n = len(req.tokens)
         if n == 0:
@@ -275,12 +288,12 @@ class Engine:
         if len(req.pages) == 0:
             raise EngineInputError("pages is empty: the new tokens need at least one page")
         pages = _int_list(req.pages, "pages")
-        for p in pages:
+        for p in pages if check_pages else ():
             if not 0 <= p < self.num_pages:
                 raise EngineInputError(f"page id {p} is out of range 0..{self.num_pages - 1}")
             if not self.pool.is_allocated(p):
                 raise EngineInputError(f"page {p} is not allocated")
-        if len(set(pages)) != len(pages):
+        if check_pages and len(set(pages)) != len(pages):
             raise EngineInputError(f"pages contains a page more than once: {list(pages)}")
         if not isinstance(req.last_page_len, (int, np.integer)) or not 1 <= req.last_page_len <= ps:
             raise EngineInputError(f"last_page_len={req.last_page_len!r} is not in 1..{ps} (page_size)")
@@ -394,7 +407,7 @@ class Engine:
             return results
         if op not in POOL_OPS:
             raise ValueError(f"unknown device op {op!r}")
-        self.cache, result = POOL_OPS[op](self.cache, arrays, **static)
+        self.cache, result = POOL_OPS[op](self.cache, arrays, self.tensor_parallel)
         return self.cache if result is None else result
 
     def _fetch(self, tree: Any) -> Any:
@@ -559,6 +572,7 @@ class Engine:
     # ------------------------------------------------------------------ device ops on the pool
 
     def _flush_fresh_pages(self) -> None:
+        """Clears the pages allocated since the last device op (K, V and valid bits: see kv_cache)."""
         fresh = self.pool.take_fresh()
         if fresh:
             ids = np.full(_bucket(len(fresh)), self.num_pages, np.int32)
@@ -598,6 +612,24 @@ class Engine:
         self._flush_fresh_pages()
         self._device_op("set", {}, {"page": np.int32(page), "offset": np.int32(offset), "count": np.int32(count),
                                     "valid": np.bool_(valid)})
+
+    def save_pages(self, pages: Sequence[int]) -> HostPages:
+        """A host copy of whole pages (K, V in every layer, valid bits), e.g. before they are freed."""
+        for page in pages:
+            self._check_range(page, 0, 0, "saved")
+        self._flush_fresh_pages()
+        rows = self._device_op("save", {}, {"pages": page_ids(pages, 0)})
+        return HostPages.from_rows(self._fetch(rows), len(pages))
+
+    def load_pages(self, pages: Sequence[int], saved: HostPages) -> None:
+        """Overwrites allocated ``pages`` with what ``save_pages`` returned (row i -> pages[i])."""
+        for page in pages:
+            self._check_range(page, 0, 0, "loaded")
+        if len(pages) != len(saved):
+            raise EngineInputError(f"{len(pages)} pages for {len(saved)} saved pages")
+        self._flush_fresh_pages()
+        ids = page_ids(pages, self.num_pages)
+        self._device_op("load", {}, {"pages": ids, **saved.rows(len(ids))})
 
     def slot_valid(self) -> np.ndarray:
         """A host copy of the valid bits ``[num_pages, page_size]`` (for inspection and tests)."""

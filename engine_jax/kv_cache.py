@@ -9,13 +9,26 @@ application, or on a page freshly handed out by ``PagePool.alloc``.
 ``positions[page, offset]`` (only for models whose attention windows are by
 position, e.g. Gemma 3's local layers; None otherwise) is the RoPE position
 of the token written into the slot.
+
+Pages are cleared on reuse: before a page freshly handed out by
+``PagePool.alloc`` is used (by a step or any device op), ``clear_pages``
+zeroes its K and V in every layer and clears its valid bits. A new owner
+therefore finds exactly what a never-used page holds, whatever it does with
+the slots (even making unwritten ones attendable), and its results are
+bit-identical to those on a pool nobody used before.
+
+``gather_pages`` / ``write_rows`` (with ``HostPages``) move whole pages (K, V,
+valid bits, positions) between the pool and host memory: the serving core
+preempts an instance under memory pressure by saving its pages on the host
+and restores them later (``Engine.save_pages`` / ``load_pages``).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +86,123 @@ def create_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: 
     )
 
 
+def _clear_pages(cache: KVCache, pages: jax.Array) -> KVCache:
+    """Zeroes K and V and invalidates every slot of ``pages`` (ids >= num_pages are padding: dropped)."""
+
+    def zero(a: jax.Array) -> jax.Array:
+        return a.at[pages].set(0, mode="drop")
+
+    return KVCache(
+        k=tuple(zero(a) for a in cache.k),
+        v=tuple(zero(a) for a in cache.v),
+        slot_valid=cache.slot_valid.at[pages].set(False, mode="drop"),
+        positions=None if cache.positions is None else zero(cache.positions),
+    )
+
+
+def _read_pages(cache: KVCache, pages: jax.Array) -> tuple:
+    positions = None if cache.positions is None else cache.positions[pages]
+    return (tuple(a[pages] for a in cache.k), tuple(a[pages] for a in cache.v), cache.slot_valid[pages], positions)
+
+
+def _write_pages(cache: KVCache, pages: jax.Array, k: tuple, v: tuple, valid: jax.Array,
+                 positions: jax.Array | None) -> KVCache:
+    def put(a: jax.Array, rows: jax.Array) -> jax.Array:
+        return a.at[pages].set(rows.astype(a.dtype), mode="drop")
+
+    return KVCache(
+        k=tuple(put(a, rows) for a, rows in zip(cache.k, k)),
+        v=tuple(put(a, rows) for a, rows in zip(cache.v, v)),
+        slot_valid=put(cache.slot_valid, valid),
+        positions=None if cache.positions is None else put(cache.positions, positions),
+    )
+
+
+clear_pages = jax.jit(_clear_pages, donate_argnums=(0,))
+_read_jit = jax.jit(_read_pages)
+_write_jit = jax.jit(_write_pages, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_to(sharding: jax.sharding.Sharding):
+    return jax.jit(_read_pages, out_shardings=sharding)
+
+
+@dataclass(frozen=True)
+class HostPages:
+    """Whole pages copied to host memory (row i is the i-th page read)."""
+
+    k: tuple[np.ndarray, ...]  # per layer [n, page_size, num_kv_heads, head_dim]
+    v: tuple[np.ndarray, ...]
+    valid: np.ndarray  # bool[n, page_size]
+    positions: np.ndarray | None = None  # int32[n, page_size] for pools that keep slot positions
+
+    def __len__(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.positions.nbytes if self.positions is not None else 0
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v) + self.valid.nbytes + extra
+
+    def select(self, rows: Iterable[int]) -> "HostPages":
+        """These rows only, in this order."""
+        index = np.asarray(list(rows), dtype=np.int64)
+        return HostPages(tuple(a[index] for a in self.k), tuple(a[index] for a in self.v), self.valid[index],
+                         None if self.positions is None else self.positions[index])
+
+    @staticmethod
+    def concat(parts: Sequence["HostPages"]) -> "HostPages":
+        """The rows of ``parts``, one after the other."""
+        def cat(arrays):
+            return np.concatenate(list(arrays))
+
+        first = parts[0]
+        return HostPages(tuple(cat(p.k[i] for p in parts) for i in range(len(first.k))),
+                         tuple(cat(p.v[i] for p in parts) for i in range(len(first.v))),
+                         cat(p.valid for p in parts),
+                         None if first.positions is None else cat(p.positions for p in parts))
+
+    @classmethod
+    def from_rows(cls, rows: tuple, count: int) -> "HostPages":
+        """From ``gather_pages``' arrays (fetched to the host), keeping the first ``count`` rows."""
+        k, v, valid, positions = rows
+        return cls(tuple(np.asarray(a[:count]) for a in k), tuple(np.asarray(a[:count]) for a in v),
+                   np.asarray(valid[:count]), None if positions is None else np.asarray(positions[:count]))
+
+    def rows(self, size: int) -> dict[str, np.ndarray | None]:
+        """Host arrays for ``write_rows``, padded to ``size`` rows: K and V stacked over the layers
+        ``[layers, size, ...]`` (a few arrays, whatever the depth: a multi-host leader sends them)."""
+        def pad(a: np.ndarray) -> np.ndarray:
+            extra = size - len(a)
+            return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) if extra else a
+
+        return {"k": np.stack([pad(a) for a in self.k]), "v": np.stack([pad(a) for a in self.v]),
+                "valid": pad(self.valid), "positions": None if self.positions is None else pad(self.positions)}
+
+
+def page_ids(pages: Iterable[int], pad: int) -> np.ndarray:
+    """``pages`` padded to a power of two with ``pad`` (few compiled shapes)."""
+    pages = [int(p) for p in pages]
+    ids = np.full(1 << max(0, (len(pages) - 1).bit_length()), pad, np.int32)
+    ids[:len(pages)] = pages
+    return ids
+
+
+def gather_pages(cache: KVCache, ids: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> tuple:
+    """Device copies of whole pages ``ids`` (from ``page_ids``): (K per layer, V per layer, valid
+    bits, positions or None); placed by ``sharding`` when given (whole on every device of a
+    tensor-parallel pool, whose K and V are split over its devices)."""
+    return (_read_jit if sharding is None else _read_to(sharding))(cache, ids)
+
+
+def write_rows(cache: KVCache, ids: np.ndarray, rows: dict[str, np.ndarray | None]) -> KVCache:
+    """``cache`` with pages ``ids`` (from ``page_ids``, padded with ``num_pages``: dropped)
+    overwritten by ``HostPages.rows``."""
+    return _write_jit(cache, ids, tuple(rows["k"]), tuple(rows["v"]), rows["valid"],
+                      None if cache.positions is None else rows["positions"])
+
+
 class OutOfPages(EngineInputError):
     """The pool has fewer free pages than requested."""
 
@@ -81,8 +211,8 @@ class PagePool:
     """Host-side free list of physical page ids.
 
     Pages handed out by ``alloc`` are remembered until ``take_fresh`` so the
-    engine can clear their valid bits before their first use: a reused page
-    must never expose its previous owner's KV.
+    engine can clear them (``clear_pages``) before their first use: a reused
+    page must never expose its previous owner's KV.
 
     Thread-safe: a server allocates and frees on its request threads while
     the engine thread takes the fresh pages at the start of a step.
@@ -139,7 +269,7 @@ class PagePool:
         return 0 <= page < self._num_pages and not self._is_free[page]
 
     def take_fresh(self) -> list[int]:
-        """Pages allocated since the last call (the engine clears their valid bits)."""
+        """Pages allocated since the last call (the engine clears them)."""
         with self._lock:
             fresh, self._fresh = self._fresh, []
         return fresh

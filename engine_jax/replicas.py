@@ -17,6 +17,11 @@ pool holds every replica's pages: page id ``p`` lives on replica
   each with an error naming the replicas. Nothing is copied between replicas.
 * a step runs each replica's share of the batch; every share is launched
   before any is waited for, so the replicas compute at the same time.
+* saving pages to the host and loading them back (preemption under memory
+  pressure, ``pie_runtime.pressure``) works on any replica: a host copy
+  goes wherever its new pages are. The serving core's quotas and
+  preemption count the pool as a whole, so an allocation whose replica is
+  full fails with out-of-memory (a restore waits) even if another has room.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine_jax.batch import EngineInputError, ForwardRequest, OutputResult
-from engine_jax.kv_cache import OutOfPages, PagePool
+from engine_jax.kv_cache import HostPages, OutOfPages, PagePool
 
 
 class ReplicatedPagePool:
@@ -110,7 +115,10 @@ class ReplicatedEngine:
         replica, local = self._locate(_pages(req.pages), "pages")
         return replica, dataclasses.replace(req, pages=local)
 
-    def validate(self, req: ForwardRequest) -> None:
+    def validate(self, req: ForwardRequest, *, check_pages: bool = True) -> None:
+        if not check_pages:  # the caller's own page ids, mapped to physical pages later: no replica yet
+            self.replicas[0].validate(req, check_pages=False)
+            return
         replica, local = self._local_request(req)
         self.replicas[replica].validate(local)
 
@@ -145,6 +153,31 @@ class ReplicatedEngine:
     def set_valid(self, page: int, offset: int, count: int, valid: bool) -> None:
         replica, (local,) = self._locate([page], "page")
         self.replicas[replica].set_valid(local, offset, count, valid)
+
+    def save_pages(self, pages: Sequence[int]) -> HostPages:
+        """Host copies of whole pages, from whichever replicas hold them (row i is ``pages[i]``)."""
+        pages = _pages(pages)
+        groups = self._by_replica(pages)
+        parts = [self.replicas[r].save_pages([pages[i] % self.pool.pages_per_replica for i in rows])
+                 for r, rows in groups.items()]
+        order = [i for rows in groups.values() for i in rows]  # the rows of the concatenated parts
+        where = {i: row for row, i in enumerate(order)}
+        return HostPages.concat(parts).select(where[i] for i in range(len(pages)))
+
+    def load_pages(self, pages: Sequence[int], saved: HostPages) -> None:
+        """Writes saved pages into ``pages`` on whichever replicas hold them (host copies go anywhere)."""
+        pages = _pages(pages)
+        if len(pages) != len(saved):
+            raise EngineInputError(f"{len(pages)} pages for {len(saved)} saved pages")
+        for r, rows in self._by_replica(pages).items():
+            self.replicas[r].load_pages([pages[i] % self.pool.pages_per_replica for i in rows], saved.select(rows))
+
+    def _by_replica(self, pages: Sequence[int]) -> dict[int, list[int]]:
+        """replica -> the positions in ``pages`` of its pages."""
+        groups: dict[int, list[int]] = {}
+        for i, page in enumerate(pages):
+            groups.setdefault(self.pool.replica_of(page), []).append(i)
+        return groups
 
     def slot_valid(self) -> np.ndarray:
         return np.concatenate([e.slot_valid() for e in self.replicas])

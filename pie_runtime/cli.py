@@ -4,9 +4,10 @@
 
 PROGRAM is a built component (.wasm), an inferlet source (.py or .js, built
 on the fly with pie-build), or the name of a bundled sample (text_completion).
-What the inferlet sends goes to stdout, one message per line; lines typed on
-stdin are what it receives; its return value is printed last. Logs, progress
-and the run summary go to stderr, so stdout stays clean for pipes.
+What the inferlet sends goes to stdout, one message per line (framed: see
+`messaging.frame_line`); lines typed on stdin are what it receives; its return
+value is printed last. Logs, progress and the run summary go to stderr, so
+stdout stays clean for pipes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
+
+from pie_runtime.messaging import frame_line
 
 EXIT_OK = 0
 EXIT_INSTANCE_FAILED = 1
@@ -37,15 +40,31 @@ examples:
   pie-run app.wasm --model ./my-hf-model --instances 16 --batching adaptive
   echo hello | pie-run echo.wasm
 
+output:
+  One line per message, then each result: a line break inside a message is
+  written as \\n, other control characters as \\xNN (JSON passes unchanged),
+  so no inferlet can print a line that passes for another's. With --instances N
+  lines start with "[K] "; a child's with "[CHILD-ID] ".
+
 capabilities:
-  An inferlet gets no files and no network unless it declares the capability
-  and you allow it: --allow net,fs:/data (fs:DIR is mounted at the same path).
+  An inferlet gets a capability only if it declares it and you allow it:
+    fs:DIR     DIR mounted read-only at the same path ("filesystem")
+    fs-rw:DIR  DIR mounted read-write ("filesystem")
+    launch     runtime.launch: start child instances ("launch")
+  Network access cannot be granted (wasmtime-py cannot limit a guest's
+  sockets to chosen addresses; --allow net is refused).
 
 child instances:
-  An inferlet that declares the "launch" capability may start children of
-  itself, or of a program registered with --program NAME=PATH (repeatable;
-  .wasm, .py or .js like PROGRAM), by NAME. Children are terminated when their
-  parent ends; what they send is printed prefixed with "[CHILD-ID] ".
+  An inferlet allowed "launch" may start children of itself, or of a program
+  registered with --program NAME=PATH (repeatable; .wasm, .py or .js
+  like PROGRAM), by NAME, within the launch-tree limits below. Children are
+  terminated when their parent ends.
+
+tenant limits and memory pressure:
+  KV pages are bounded per instance and per namespace; an allocation past
+  those fails, one the pool cannot serve yet waits, and the server preempts
+  (moves an instance's pages to host memory, restores them later) instead of
+  failing anyone. The summary reports waits, preemptions and time paused.
 
 devices:
   --tensor-parallel N shards the model over N devices, --data-parallel M runs
@@ -96,15 +115,20 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 class _Console:
-    """Serialized writes to stdout/stderr from many instance threads."""
+    """Serialized writes to stdout/stderr from many instance threads.
+
+    Whatever an inferlet wrote (messages, results, its stdout/stderr lines)
+    is framed to exactly one line, so no instance can print a line that
+    passes for another's (or for pie-run's own)."""
 
     def __init__(self, out: TextIO, err: TextIO, quiet: bool) -> None:
         self.out, self.err, self.quiet = out, err, quiet
         self._lock = threading.Lock()
 
-    def message(self, text: str) -> None:
+    def message(self, prefix: str, text: str) -> None:
+        """One message or result of an instance: `prefix` is the server's tag, `text` the inferlet's."""
         with self._lock:
-            self.out.write(text + "\n")
+            self.out.write(prefix + frame_line(text) + "\n")
             self.out.flush()
 
     def log(self, text: str) -> None:
@@ -117,7 +141,7 @@ class _Console:
             self.err.flush()
 
     def guest_output(self, instance_id: str, stream: str, text: str) -> None:
-        self.error(f"[{instance_id} {stream}] {text}")
+        self.error(f"[{instance_id} {stream}] {frame_line(text)}")
 
 
 def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
@@ -212,9 +236,13 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
 
 def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console, stdin: TextIO, stdout: TextIO,
           scratch: Path) -> int:
+    from pie_runtime.limits import TenantLimits
     from pie_runtime.wasm_host import Capabilities
 
     try:
+        limits = TenantLimits.from_args(args)
+        if args.instances > limits.max_instances:
+            raise ValueError(f"--instances {args.instances} is more than --max-instances {limits.max_instances}")
         allow = Capabilities.parse(args.allow)
         wasm = _resolve_program(Path(args.program), console, scratch)
         programs = _registered_programs(args.programs, allow, console, scratch)
@@ -248,10 +276,10 @@ def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console,
         from pie_runtime.remote_run import run_remote
 
         return run_remote(args, wasm, inferlet_args, console, stdin)
-    return _run(args, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
+    return _run(args, limits, wasm, inferlet_args, grant, program_name, manifest, programs, console, stdin)
 
 
-def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: Any, program_name: str,
+def _run(args: argparse.Namespace, limits: Any, wasm: Path, inferlet_args: list[str], grant: Any, program_name: str,
          manifest: Any | None, programs: Sequence[tuple[str, Path, Any | None, Any]], console: _Console,
          stdin: TextIO) -> int:
     from pie_runtime.component_cache import default_cache
@@ -288,16 +316,15 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
         console.error(f"pie-run: cannot load model {args.model}: {e}")
         return EXIT_USAGE
 
-    runtime = start_runtime(args, built, guest_output=console.guest_output, programs=registered)
+    runtime = start_runtime(args, built, guest_output=console.guest_output, programs=registered, limits=limits)
     host = runtime.host
-    limits = instance_limits(args)
     many = args.instances > 1
 
     for k in range(args.instances):
         prefix = f"[{k}] " if many else ""
-        client = ClientChannel(on_send=lambda text, p=prefix: console.message(p + text))
+        client = ClientChannel(on_send=lambda text, p=prefix: console.message(p, text))
         instances.append(Instance(host, component, arguments=inferlet_args, client=client,
-                                  namespace=args.namespace, limits=limits, grant=grant,
+                                  namespace=args.namespace, limits=instance_limits(args), grant=grant,
                                   program_name=program_name, manifest=manifest))
 
     reader = threading.Thread(target=_pump_stdin, args=(stdin, instances), name="pie-stdin", daemon=True)
@@ -305,7 +332,13 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     started = time.perf_counter()
     try:
         for inst in instances:
-            inst.start()
+            try:
+                inst.start()
+            except PieError as e:  # past a tenant limit (e.g. --tree-memory-bytes 0)
+                console.error(f"pie-run: cannot start an instance: {e.message}")
+                for started_inst in instances:
+                    started_inst.terminate("pie-run could not start every instance")
+                return EXIT_USAGE
         reader.start()
         outcomes = [inst.wait() for inst in instances]
     finally:
@@ -318,7 +351,7 @@ def _run(args: argparse.Namespace, wasm: Path, inferlet_args: list[str], grant: 
     for k, outcome in enumerate(outcomes):
         prefix = f"[{k}] " if many else ""
         if outcome.ok:
-            console.message(prefix + (outcome.value or ""))
+            console.message(prefix, outcome.value or "")
         else:
             failed += 1
             console.error(f"pie-run: {prefix}{outcome.status}: {outcome.error}")
@@ -370,6 +403,11 @@ def _summary(console: _Console, outcomes: Sequence[Any], stats: Any, wall: float
         seen = ", ".join(f"{size}x{count}" for size, count in sorted(batches.items()))
         lines.append(f"pie-run: batch sizes (requests x steps): {seen}; "
                      f"mean {stats.mean_batch_requests:.1f}, max {stats.max_batch_requests}")
+    if getattr(stats, "alloc_waits", 0) or getattr(stats, "preemptions", 0):
+        lines.append(f"pie-run: memory pressure: {stats.alloc_waits} allocations waited "
+                     f"({stats.alloc_wait_seconds:.2f}s), {stats.preemptions} preemptions "
+                     f"({stats.pages_preempted} pages to host memory), {stats.restores} restores, "
+                     f"{stats.paused_seconds:.2f}s paused, {stats.exports_evicted} exports evicted")
     if many:
         cpu = [o.cpu_seconds for o in outcomes]
         lines.append(f"pie-run: instance CPU time: mean {sum(cpu) / len(cpu):.3f}s, max {max(cpu):.3f}s")

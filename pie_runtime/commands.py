@@ -19,7 +19,7 @@ import numpy as np
 from engine_jax.batch import OutputRequest
 
 from .errors import PieError
-from .resources import Export
+from .exports import Export
 
 
 @dataclass

@@ -14,15 +14,21 @@ Limits:
   in a host wait (forward pass, receive) does not count. The callback also
   stops an instance that was asked to terminate.
 
-Children (`runtime.launch`): an instance with the `launch` capability may
-start child instances of its own program or of one the operator registered.
-Children get the parent's namespace and limits; what they send goes to the
-parent's client. Whatever ends the parent, it terminates its running children
+Children (`runtime.launch`): an instance granted the `launch` capability
+may start child instances of its own program or of one the operator
+registered. Children get the parent's namespace and limits; what they send
+goes to the parent's client. A client-launched instance and its descendants
+form a launch tree whose size and summed memory limits the operator bounds
+(`pie_runtime.limits`); every instance also counts against the server's
+`max_instances` until its thread has ended. Whatever ends the parent, it terminates its running children
 and waits for them before it reports its own outcome (structured
 concurrency), so a parent's outcome means its whole tree has ended.
 
 Whatever ends an instance (return, error, trap, limit, terminate), its
 serving-core state, subscriptions and futures are released in `finally`.
+`terminate` also releases them itself, from the terminating thread, with
+the instance's children: a guest blocked in a WASI call (a `time.sleep`),
+which wasmtime cannot interrupt, holds nothing of the server's after it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from wasmtime.component import Component
 
 from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
+from pie_runtime.limits import MIN_CHILD_MEMORY_BYTES
 from pie_runtime.messaging import ClientChannel
 from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
                                    make_wasi)
@@ -58,11 +65,12 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 # How long a normally ended instance's queued commands may still run before
 # the rest are cancelled (its last frees and exports must not be lost).
 DRAIN_SECONDS = 60.0
-# runtime.launch limits: a runaway recursion must hit a wall, not the page pool.
-MAX_CHILDREN = 64  # live children of one instance
-MAX_LAUNCH_DEPTH = 4  # levels of children below a client-launched instance
 # How long an ending parent waits for its terminated children to finish their teardown.
 CHILD_STOP_SECONDS = 30.0
+# How long after `terminate` an instance whose thread has not ended (it is
+# blocked in a WASI call) gets its outcome anyway; everything it held was
+# released at once by `terminate`.
+TERMINATE_GRACE_SECONDS = 0.5
 
 
 # wasmtime-py binds the C function but does not wrap it; its ctypes signature
@@ -118,7 +126,19 @@ def _ticker_for(engine: wasmtime.Engine) -> EpochTicker:
 @dataclass
 class InstanceLimits:
     cpu_seconds: float | None = None  # None = unlimited
-    memory_bytes: int | None = DEFAULT_MEMORY_BYTES  # linear memory of the guest; None = unlimited
+    # Linear memory of the guest; None = as much as its launch tree has left.
+    memory_bytes: int | None = DEFAULT_MEMORY_BYTES
+
+
+class LaunchTree:
+    """A client-launched instance and its descendants: the live instances and
+    the linear-memory limits they hold between them (`TenantLimits`'
+    `max_tree_instances` and `tree_memory_bytes`)."""
+
+    def __init__(self) -> None:
+        self.instances = 0
+        self.memory_bytes = 0
+        self.lock = threading.Lock()
 
 
 @dataclass
@@ -138,6 +158,7 @@ class InstanceOutcome:
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     host_calls: int = 0
+    kv_pages_peak: int = 0  # the most KV pages the server charged it at once
 
     @property
     def ok(self) -> bool:
@@ -174,6 +195,7 @@ class Instance:
         program_name: str = "inferlet",
         manifest: Any | None = None,
         depth: int = 0,
+        tree: LaunchTree | None = None,
     ) -> None:
         self.host = host
         self.component = component
@@ -186,10 +208,13 @@ class Instance:
         # What `launch("")` starts: this instance's own program, as declared.
         self.program = Program(program_name, component, manifest, grant)
         self.depth = depth  # 0 = launched by a client, 1 = its child, ...
+        self.tree = tree if tree is not None else LaunchTree()
+        self._memory_bytes = 0  # the linear-memory limit it holds in its tree, once admitted
         self.children: list[Instance] = []  # live ones, and ended ones until the next launch
         self._children_lock = threading.Lock()
         self.context.launcher = self._launch_child
         self.outcome: cf.Future[InstanceOutcome] = cf.Future()
+        self._outcome_lock = threading.Lock()
         self.launched_at: float | None = None
         self._thread: threading.Thread | None = None
         self._stop_status: str | None = None  # set by the deadline callback when it stops wasm
@@ -198,16 +223,73 @@ class Instance:
 
     # ------------------------------------------------------------------ control
     def start(self) -> "Instance":
+        """Runs the instance on its own thread. `PieError` out-of-memory (and
+        nothing started) past the server's or its launch tree's limits."""
         if self._thread is not None:
             raise RuntimeError("instance already started")
+        self._admit()
         self.launched_at = time.perf_counter()
         self._thread = threading.Thread(target=self._main, name=f"pie-inst-{self.instance_id}", daemon=True)
         self._thread.start()
         return self
 
+    def _admit(self) -> None:
+        limits, tree = self.host.limits, self.tree
+        with tree.lock:
+            if tree.instances >= limits.max_tree_instances:
+                raise PieError.out_of_memory(
+                    f"its launch tree already has {tree.instances} live instances, the most allowed "
+                    f"(max_tree_instances); wait for one to finish")
+            left = limits.tree_memory_bytes - tree.memory_bytes
+            wanted = self.limits.memory_bytes
+            memory = left if wanted is None else min(wanted, left)
+            if memory < (MIN_CHILD_MEMORY_BYTES if self.depth else 1):
+                raise PieError.out_of_memory(
+                    f"its launch tree's instances already hold {tree.memory_bytes >> 20} MiB of its "
+                    f"{limits.tree_memory_bytes >> 20} MiB of memory (tree_memory_bytes)")
+            self.host.admit(self.instance_id)
+            tree.instances += 1
+            tree.memory_bytes += memory
+            self._memory_bytes = memory
+
+    def _retire(self) -> None:
+        with self.tree.lock:
+            self.tree.instances -= 1
+            self.tree.memory_bytes -= self._memory_bytes
+        self.host.retire(self.instance_id)
+
     def terminate(self, reason: str = "terminated by the client") -> None:
-        """Stops the instance: a host wait returns at once, running wasm within a few ticks."""
+        """Stops the instance and, from the calling thread, releases at once
+        everything it holds: its children (terminated the same way), KV
+        pages, queues, subscriptions and futures. A host wait returns at
+        once and running wasm stops within a few ticks. A thread blocked in
+        a WASI call (which wasmtime cannot interrupt) holds nothing of the
+        server's any more; its outcome ("terminated") is reported
+        `TERMINATE_GRACE_SECONDS` later if it has not ended by then, and the
+        thread ends when its call returns."""
         self.context.stop(reason)
+        for child in self._live_children():
+            child.terminate(f"its parent {self.instance_id} ended")
+        self.context.close()
+        if self._thread is not None and not self.outcome.done():
+            timer = threading.Timer(TERMINATE_GRACE_SECONDS, self._report_terminated, args=(reason,))
+            timer.daemon = True
+            timer.start()
+
+    def _report_terminated(self, reason: str) -> None:
+        if self.outcome.done():
+            return
+        self._settle(InstanceOutcome(
+            self.instance_id, "terminated",
+            error=f"instance stopped: {reason} (its thread is still in a WASI call and ends when the call returns)",
+            wall_seconds=time.perf_counter() - (self.launched_at or time.perf_counter()),
+            host_calls=self.context.host_calls, kv_pages_peak=self.context.kv_pages_peak))
+
+    def _settle(self, outcome: InstanceOutcome) -> None:
+        """The first outcome reported wins (the thread's own, or terminate's)."""
+        with self._outcome_lock:
+            if not self.outcome.done():
+                self.outcome.set_result(outcome)
 
     def wait(self, timeout: float | None = None) -> InstanceOutcome:
         return self.outcome.result(timeout)
@@ -231,8 +313,7 @@ class Instance:
         outcome_ok = False
         try:
             store = wasmtime.Store(self.host.wasm_engine)
-            if self.limits.memory_bytes is not None:
-                store.set_limits(memory_size=int(self.limits.memory_bytes))
+            store.set_limits(memory_size=int(self._memory_bytes))
             wasi, sinks = make_wasi(ctx, self.grant, self.program_name)
             store.set_wasi(wasi)
             self._install_deadline(store)
@@ -269,19 +350,22 @@ class Instance:
         outcome.cpu_seconds = time.thread_time() - self._cpu_start
         outcome.wall_seconds = time.perf_counter() - wall_start
         outcome.host_calls = ctx.host_calls
-        self.outcome.set_result(outcome)
+        outcome.kv_pages_peak = ctx.kv_pages_peak
+        self._retire()
+        self._settle(outcome)
 
     # ------------------------------------------------------------------ children
     def _launch_child(self, program: str, arguments: Sequence[str]) -> cf.Future:
         """runtime.launch: starts a child; a future of its result string (or PieError)."""
         if not self.grant.launch:
             raise PieError.unsupported(
-                f"{self.program_name} does not declare the 'launch' capability "
-                "(inferlet.declare(..., capabilities=['launch']))")
-        if self.depth >= MAX_LAUNCH_DEPTH:
+                f"{self.program_name} was not granted the 'launch' capability: the inferlet must declare it "
+                "(inferlet.declare(..., capabilities=['launch'])) and the operator allow it (pie-run --allow launch)")
+        max_depth = self.host.limits.max_launch_depth
+        if self.depth >= max_depth:
             raise PieError.unsupported(
                 f"launch depth limit: this instance is {self.depth} levels below a client-launched one, "
-                f"and children may go at most {MAX_LAUNCH_DEPTH} levels deep")
+                f"and children may go at most {max_depth} levels deep")
         target = self.program if program == "" else self.host.program(program)
         arguments = target.check_arguments(arguments)
         child_id = new_instance_id()
@@ -289,26 +373,28 @@ class Instance:
         # The child has no client of its own: it talks through the parent's.
         client = ClientChannel(on_send=lambda message: parent_client.send(f"[{child_id}] {message}"))
         client.close_input()
-        with self._children_lock:
-            self.children = [c for c in self.children if not c.outcome.done()]
-            if len(self.children) >= MAX_CHILDREN:
-                raise PieError.out_of_memory(
-                    f"this instance already has {MAX_CHILDREN} running children (the most allowed); "
-                    "wait for one to finish")
-            child = Instance(self.host, target.component, arguments=arguments, instance_id=child_id,
-                             client=client, namespace=self.context.namespace, limits=self.limits,
-                             grant=target.grant, page_quota=self.context.page_quota,
-                             program_name=target.name, manifest=target.manifest, depth=self.depth + 1)
-            self.children.append(child)
+        child = Instance(self.host, target.component, arguments=arguments, instance_id=child_id,
+                         client=client, namespace=self.context.namespace, limits=self.limits,
+                         grant=target.grant, page_quota=self.context.page_quota,
+                         program_name=target.name, manifest=target.manifest, depth=self.depth + 1,
+                         tree=self.tree)
         result: cf.Future = cf.Future()
         child.outcome.add_done_callback(lambda done: _resolve_child_result(result, done.result()))
-        child.start()
+        with self._children_lock:
+            if self.context.stopped.done():
+                raise PieError.closed("this instance is being stopped")
+            child.start()  # refused past the tree's limits
+            self.children = [c for c in self.children if not c.outcome.done()] + [child]
         return result
 
-    def _end_children(self) -> None:
-        """Terminates the children still running and waits until they have released everything."""
+    def _live_children(self) -> list["Instance"]:
         with self._children_lock:
-            children = [c for c in self.children if not c.outcome.done()]
+            return [c for c in self.children if not c.outcome.done()]
+
+    def _end_children(self) -> None:
+        """Terminates the children still running (which releases what they
+        hold at once) and waits for their outcomes."""
+        children = self._live_children()
         for child in children:
             child.terminate(f"its parent {self.instance_id} ended")
         cf.wait([child.outcome for child in children], timeout=CHILD_STOP_SECONDS)

@@ -7,12 +7,34 @@ subscription and a forward pass together.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
 from pie_runtime.errors import PieError
+
+# What `frame_line` escapes: every control character but tab (line feeds,
+# carriage returns, terminal escape sequences) and the Unicode line and
+# paragraph separators.
+_UNFRAMED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match) -> str:
+    ch = match.group()
+    return _ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def frame_line(text: str) -> str:
+    r"""`text` as exactly one line of output: a line feed becomes `\n`, a
+    carriage return `\r`, any other control character `\xNN` (or `\uNNNN`).
+    A message from an inferlet then never prints a line of its own, so it
+    cannot pass for another sender's. Text without control characters (JSON,
+    for one) is unchanged; a backslash is left as it is, so `\n` in the
+    output may also be those two characters as sent."""
+    return _UNFRAMED.sub(_escape, text)
 
 
 class Mailbox:
@@ -101,10 +123,11 @@ class ClientChannel:
 
 
 class Subscription:
-    """One instance's subscription to a topic; `close` unsubscribes."""
+    """One instance's subscription to a topic of its namespace; `close` unsubscribes."""
 
-    def __init__(self, broker: "Broker", topic: str) -> None:
+    def __init__(self, broker: "Broker", namespace: str, topic: str) -> None:
         self.broker = broker
+        self.namespace = namespace
         self.topic = topic
         self._mailbox = Mailbox(f"subscription to {topic!r} was closed")
 
@@ -120,34 +143,41 @@ class Subscription:
 
 
 class Broker:
-    """Topic -> subscriptions, shared by all instances of one server."""
+    """(namespace, topic) -> subscriptions, shared by all instances of one server.
+
+    Topics are namespaced: a broadcast reaches only subscribers in the
+    sender's namespace, so one user's instances can neither read nor inject
+    another user's messages by guessing a topic name."""
 
     def __init__(self) -> None:
-        self._topics: dict[str, set[Subscription]] = {}
+        self._topics: dict[tuple[str, str], set[Subscription]] = {}
         self._lock = threading.Lock()
 
-    def subscribe(self, topic: str) -> Subscription:
-        sub = Subscription(self, topic)
+    def subscribe(self, topic: str, namespace: str = "default") -> Subscription:
+        sub = Subscription(self, namespace, topic)
         with self._lock:
-            self._topics.setdefault(topic, set()).add(sub)
+            self._topics.setdefault((namespace, topic), set()).add(sub)
         return sub
 
-    def broadcast(self, topic: str, message: str) -> int:
-        """Delivers to every current subscriber of `topic` (the sender's own included); returns how many."""
+    def broadcast(self, topic: str, message: str, namespace: str = "default") -> int:
+        """Delivers to every current subscriber of `topic` in `namespace` (the
+        sender's own included); returns how many."""
         with self._lock:
-            subs = list(self._topics.get(topic, ()))
+            subs = list(self._topics.get((namespace, topic), ()))
         return sum(1 for sub in subs if sub._put(message))
 
-    def subscriber_count(self, topic: str | None = None) -> int:
+    def subscriber_count(self, topic: str | None = None, namespace: str = "default") -> int:
+        """Subscribers of `topic` in `namespace`; with no topic, of every topic of every namespace."""
         with self._lock:
             if topic is not None:
-                return len(self._topics.get(topic, ()))
+                return len(self._topics.get((namespace, topic), ()))
             return sum(len(s) for s in self._topics.values())
 
     def _unsubscribe(self, sub: Subscription) -> None:
+        key = (sub.namespace, sub.topic)
         with self._lock:
-            subs = self._topics.get(sub.topic)
+            subs = self._topics.get(key)
             if subs is not None:
                 subs.discard(sub)
                 if not subs:
-                    del self._topics[sub.topic]
+                    del self._topics[key]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from engine_jax.options import positive_int
+from pie_runtime.limits import TenantLimits
 
 BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
 QUEUE_AHEAD = {"auto": None, "on": True, "off": False}
@@ -64,13 +65,19 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "is then paid once per N tokens, and tokens arrive N at a time; 1 = a call per "
                         f"token (default {DEFAULT_DECODE_RUN})")
     g.add_argument("--allow", default="", metavar="CAPS",
-                   help="capabilities the operator grants: comma list of net, fs:DIR (default none)")
+                   help="capabilities the operator grants: comma list of fs:DIR (read-only), fs-rw:DIR, "
+                        "launch (default none)")
     g.add_argument("--cpu-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="CPU time limit per instance (time blocked on the model does not count)")
     g.add_argument("--memory-limit", type=positive_int, default=1024, metavar="MB",
                    help="linear memory limit per instance in MiB (default 1024)")
     g.add_argument("--program", action="append", default=[], metavar="NAME=PATH", dest="programs",
                    help="register another program (.wasm, .py or .js) that instances may launch by NAME (repeatable)")
+    TenantLimits.add_arguments(p)
+
+
+def tenant_limits(opts: argparse.Namespace) -> TenantLimits:
+    return TenantLimits.from_args(opts)
 
 
 def instance_limits(opts: argparse.Namespace) -> Any:
@@ -111,14 +118,17 @@ def load_engine(opts: argparse.Namespace, log: Callable[[str], None], prog: str,
     return build_engine(engine_options(opts), log=lambda text: log(f"{prog}: {text}"), on_lost=on_lost)
 
 
-def start_runtime(opts: argparse.Namespace, built: Any, *, guest_output: Any, programs: Sequence[Any] = ()) -> Runtime:
-    """Starts the serving core on the built engine and binds a host to it, with `programs` registered."""
+def start_runtime(opts: argparse.Namespace, built: Any, *, guest_output: Any, programs: Sequence[Any] = (),
+                  limits: TenantLimits | None = None) -> Runtime:
+    """Starts the serving core on the built engine and binds a host to it, with `programs`
+    registered, under `limits` (default: those given in `opts`)."""
     from pie_runtime.serving import ServingCore
     from pie_runtime.wasm_host import Host, ServedModel
 
-    core = ServingCore(built.engine, policy=opts.batching).start()
+    limits = limits if limits is not None else tenant_limits(opts)
+    core = ServingCore(built.engine, policy=opts.batching, limits=limits).start()
     served = ServedModel(built.model.name, built.engine, core, QUEUE_AHEAD[opts.queue_ahead], opts.decode_run)
-    host = Host([served], guest_output=guest_output)
+    host = Host([served], guest_output=guest_output, limits=limits)
     for program in programs:
         host.register_program(program)
     return Runtime(built, core, host)

@@ -69,7 +69,7 @@ def _run(client: Any, args: Any, wasm: Path, inferlet_args: Sequence[str], conso
     for k, outcome in enumerate(outcomes):
         prefix = f"[{k}] " if many else ""
         if outcome is not None and outcome.kind == "result":
-            console.message(prefix + (outcome.data or ""))
+            console.message(prefix, outcome.data or "")
         else:
             failed += 1
             status, error = ("lost", "the connection ended first") if outcome is None else (
@@ -87,7 +87,7 @@ def _read_events(instance: Any, k: int, many: bool, console: Any, outcomes: list
     try:
         for event in instance.events():
             if event.kind == "message":
-                console.message(prefix + event.data)
+                console.message(prefix, event.data)
             elif event.kind in ("stdout", "stderr"):
                 console.guest_output(instance.id, event.kind, event.data)
             else:

@@ -13,10 +13,11 @@ the lock released. If the engine still rejects a batch, its forwards run one
 by one, fully validated, so only the bad one fails.
 
 Released pages go back to the pool only while no step is in flight (see
-`resources.PageManager`), so a page is never reused while a step writes into it.
+`flush_released`), so a page is never reused while a step writes into it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from engine_jax.batch import EngineInputError, ForwardRequest, OutputResult, Sample
 
@@ -41,7 +42,9 @@ from .commands import (
     settle,
 )
 from .errors import PieError
+from .limits import PageBounds
 from .policies import BatchPolicy, Pacing, Ready
+from .pressure import Activity, MemoryArbiter, PageRequest
 from .resources import PageManager
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,14 @@ class ServingStats:
     engine_seconds: float = 0.0  # wall time spent inside engine steps
     # Step wall times as a histogram: upper bound (STEP_SECONDS_BUCKETS, then inf) -> steps.
     step_seconds: Counter = field(default_factory=Counter)
+    # Memory pressure (pie_runtime.pressure).
+    alloc_waits: int = 0  # allocations that had to wait for pages
+    alloc_wait_seconds: float = 0.0  # their total wait
+    preemptions: int = 0  # instances swapped out to host memory
+    pages_preempted: int = 0
+    restores: int = 0
+    paused_seconds: float = 0.0  # total time instances spent swapped out (ended or restored)
+    exports_evicted: int = 0  # persistent exports dropped from the cache
 
     @property
     def max_batch_requests(self) -> int:
@@ -72,18 +83,8 @@ class ServingStats:
         return sum(k * v for k, v in self.batch_requests.items()) / max(1, self.steps)
 
     def copy(self) -> "ServingStats":
-        return ServingStats(
-            self.steps,
-            Counter(self.batch_requests),
-            Counter(self.batch_tokens),
-            self.tokens_processed,
-            self.tokens_generated,
-            self.forwards_completed,
-            self.forwards_failed,
-            self.pages_copied_on_write,
-            self.engine_seconds,
-            Counter(self.step_seconds),
-        )
+        return dataclasses.replace(self, batch_requests=Counter(self.batch_requests),
+                                   batch_tokens=Counter(self.batch_tokens), step_seconds=Counter(self.step_seconds))
 
 
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -105,7 +106,8 @@ class _Prepared:
 class Scheduler:
     """Owns the engine thread. Every method except the loop is called with `cv` held."""
 
-    def __init__(self, engine: Any, pages: PageManager, policy: BatchPolicy, cv: threading.Condition) -> None:
+    def __init__(self, engine: Any, pages: PageManager, policy: BatchPolicy, cv: threading.Condition,
+                 bounds: PageBounds, idle_victim_s: float) -> None:
         self.engine = engine
         self.pages = pages
         self.policy = policy
@@ -113,6 +115,9 @@ class Scheduler:
         self.queues: dict[int, CommandQueue] = {}
         self.open_instances = 0
         self.stats = ServingStats()
+        self.arbiter = MemoryArbiter(engine, pages, bounds, self.stats, self.flush_released, idle_victim_s)
+        self._activity = Activity(self._priority, self._idle_since, self._has_work)
+        self._last_active: dict[str, float] = {}  # instance -> when it last pushed or ran a command
         self._inflight: list[_Prepared] = []
         # Futures decided under the lock, settled once it is released.
         self._deferred: list[tuple[Future, Any, PieError | None]] = []
@@ -147,15 +152,14 @@ class Scheduler:
             self._thread = None
 
     @property
-    def stepping(self) -> bool:
-        """An engine step is in flight (the lock is released meanwhile)."""
-        return self._stepping
-
-    @property
     def running(self) -> bool:
         return self._thread is not None and not self._stopping
 
     # ---- called by the serving core with the lock held ----------------------
+    def instance_opened(self, instance_id: str) -> None:
+        self.open_instances += 1
+        self._last_active[instance_id] = time.monotonic()
+
     def add_queue(self, queue: CommandQueue) -> None:
         self.queues[queue.id] = queue
 
@@ -169,6 +173,7 @@ class Scheduler:
         wake-up per step instead of N, each of which would take the GIL from
         the instance threads that are racing to issue their next forward.
         """
+        self._last_active[queue.instance_id] = time.monotonic()
         if queue.head() is not cmd:
             return  # the engine thread only looks at heads: one behind cannot change its decision
         if (self._bounded_wait and self.policy.waits_for_whole_cohort and isinstance(cmd, ForwardCmd)
@@ -200,34 +205,56 @@ class Scheduler:
             queue.closed = True
             del self.queues[qid]
         futures.extend(p.cmd.future for p in self._inflight if p.instance_id == instance_id)
+        self.arbiter.drop_instance(instance_id)
+        self._last_active.pop(instance_id, None)
         self.cv.notify_all()
         return futures
 
-    def alloc_pages(self, count: int, near: int | None = None) -> list[int]:
-        """Takes `count` pages from the engine's pool, all or nothing, on the
-        devices of physical page `near` if given (data-parallel replicas);
-        released pages are flushed first when that helps.
-
-        Safe while a step is in flight (called with the lock held, which the
-        engine thread does not hold during a step): the pool is thread-safe,
-        a page that is free is in no request of that step, and the engine
-        clears a fresh page's valid bits at the start of the next step,
-        before anything can read it."""
-        pool = self.engine.pool
-        if pool.num_free < count:
-            self.flush_released()
-        if pool.num_free < count:
+    def allocate(self, instance_id: str, count: int) -> list[int]:
+        """Fresh page ids for the instance (called on its thread, with the lock
+        held). Past its quota: out-of-memory at once. Else
+        from free pages when no one is waiting ahead, or it waits for the
+        engine thread to grant them (see `pie_runtime.pressure`); the lock is
+        released while it waits. Safe while a step is in flight: a page in the
+        pool's free list is in no request of that step, and the engine clears
+        a fresh page before its next use."""
+        if count == 0:
+            return []
+        self._last_active[instance_id] = time.monotonic()
+        self.pages.check_room(instance_id, count)
+        self.flush_released()
+        if self.arbiter.can_take(instance_id, count) and not self.pages.instance(instance_id).suspended:
+            near = self.pages.resident_page(instance_id)  # data-parallel replicas keep an instance on one
+            return self.pages.allocate(instance_id, count, functools.partial(self._take_pages, near=near))
+        if not self.running:
             raise PieError.out_of_memory(
-                f"KV pool has {pool.num_free} free pages of {pool.num_pages}; {count} requested"
-            )
+                f"KV pool has {self.engine.pool.num_free} free pages, {count} requested, and the engine is "
+                "stopped: nothing can make room")
+        request = PageRequest(instance_id, count, "allocate")
+        self.arbiter.add(request)
+        self.stats.alloc_waits += 1
+        self.cv.notify_all()
+        self.cv.wait_for(lambda: request.done)
+        if request.error is not None:
+            raise request.error
+        assert request.vids is not None
+        return request.vids
+
+    def _take_pages(self, count: int, near: int | None = None) -> list[int]:
+        """`count` pages from the engine's pool, on the devices of physical page `near` if given."""
         try:
-            return list(pool.alloc(count, near=near))
-        except EngineInputError as exc:  # OutOfPages
+            return list(self.engine.pool.alloc(count, near=near))
+        except EngineInputError as exc:  # OutOfPages: a bug in the accounting above (or, with
+            # data-parallel replicas, the replica of `near` is full: the pool is accounted as a whole)
             raise PieError.out_of_memory(str(exc)) from exc
 
     def flush_released(self) -> None:
-        """Returns pages no one holds to the pool (whose `alloc` makes the
-        engine clear their valid bits before their next use)."""
+        """Returns pages no one holds any more to the pool, between steps only:
+        a page released while a step is in flight (its holder closed mid-step)
+        may still be written by that step, so it must not reach a new owner
+        before the step has ended."""
+        if self._stepping:
+            return
         released = self.pages.take_released()
         if not released:
             return
@@ -239,6 +266,7 @@ class Scheduler:
         return (
             not self._stepping
             and not self.pages.has_released()
+            and not self.arbiter.requests
             and all(q.drained() for q in self.queues.values())
         )
 
@@ -256,6 +284,11 @@ class Scheduler:
     def _turn(self) -> None:
         self._run_plain_commands()
         self.flush_released()  # frees just run, and pages released by closes
+        retry = None
+        if self.arbiter.active():
+            retry = self.arbiter.serve(self._activity)
+            self.cv.notify_all()  # allocations granted (or refused)
+            self._run_plain_commands()  # restored instances, granted copies
         self._resolve_deferred()
         ready = self._ready()
         self._awaited = {
@@ -263,6 +296,8 @@ class Scheduler:
         } - {r.queue_id for r in ready}
         pacing = Pacing(self.open_instances, len(self._awaited), self._last_step_end, self._last_step_latency)
         wait = self.policy.wait_time(ready, time.monotonic(), pacing)
+        if retry is not None and (wait is None or wait > retry):
+            wait = max(retry, 0.001)
         if wait is None or wait > 0:
             self.cv.notify_all()  # e.g. `wait_idle` callers: the queues may have just drained
             # Woken by an enqueue (see `pushed`), a close or a stop; a bounded
@@ -297,21 +332,72 @@ class Scheduler:
         ready = []
         for queue in self.queues.values():
             head = queue.head()
-            if isinstance(head, ForwardCmd):
+            if isinstance(head, ForwardCmd) and self._runnable(queue):
                 ready.append(Ready(queue.id, queue.instance_id, queue.priority, len(head.tokens), queue.head_since))
         return ready
 
     def _run_plain_commands(self) -> None:
-        """Runs every non-forward command that is at the head of its queue."""
+        """Runs every non-forward command that is at the head of its queue
+        (of a swapped-out instance, only frees and synchronizes: the rest
+        need its pages)."""
         for qid, queue in list(self.queues.items()):
+            suspended = self._suspended(queue.instance_id)
             while True:
                 head = queue.head()
                 if head is None or isinstance(head, ForwardCmd):
+                    break
+                if suspended and not isinstance(head, (FreeCmd, SyncCmd)):
+                    break
+                if not suspended and not self._memory_for(queue, self._plain_writes(head)):
                     break
                 queue.pop()
                 self._run_plain(queue, head)
             if queue.closed and queue.drained():
                 del self.queues[qid]
+
+    @staticmethod
+    def _plain_writes(cmd: Any) -> tuple[int, ...]:
+        """The pages a copy or mask writes (they must be private first)."""
+        if isinstance(cmd, CopySlotsCmd):
+            return (cmd.dst,) if cmd.count else ()
+        if isinstance(cmd, MaskSlotsCmd):
+            return (cmd.page,) if cmd.count else ()
+        return ()
+
+    def _memory_for(self, queue: CommandQueue, writes: Sequence[int]) -> bool:
+        """Whether the pool can give the copy-on-write copies of the pages a
+        head command writes now; if not, the queue waits for them (a
+        `PageRequest`) and the command stays at its head."""
+        inst = queue.instance_id
+        try:
+            need = self.pages.copies_needed(inst, writes)
+        except PieError:
+            return True  # past a quota, or gone: the command fails when it runs, alone
+        if need == 0 or self.arbiter.take_reservation(queue.id, need) or self.arbiter.can_take(inst, need):
+            return True
+        self.arbiter.request_copy(inst, queue.id, need)
+        return False
+
+    def _suspended(self, instance_id: str) -> bool:
+        inst = self.pages.instances.get(instance_id)
+        return inst is not None and inst.suspended
+
+    def _runnable(self, queue: CommandQueue) -> bool:
+        return not self._suspended(queue.instance_id) and not self.arbiter.blocked(queue.id)
+
+    # ---- what the memory arbiter asks ------------------------------------------
+    def _priority(self, instance_id: str) -> int:
+        return max((q.priority for q in self.queues.values() if q.instance_id == instance_id), default=0)
+
+    def _idle_since(self, instance_id: str) -> float | None:
+        if self.instance_busy(instance_id) or any(r.instance_id == instance_id for r in self.arbiter.requests):
+            return None
+        return self._last_active.get(instance_id)
+
+    def _has_work(self, instance_id: str) -> bool:
+        """A swapped-out instance has a command waiting that needs its pages."""
+        return any(q.instance_id == instance_id and q.head() is not None
+                   and not isinstance(q.head(), (FreeCmd, SyncCmd)) for q in self.queues.values())
 
     def _run_plain(self, queue: CommandQueue, cmd: Any) -> None:
         inst = queue.instance_id
@@ -332,7 +418,7 @@ class Scheduler:
                     self.engine.set_valid(phys, cmd.offset, cmd.count, not cmd.masked)
             elif isinstance(cmd, PublishExportCmd):
                 try:
-                    self.pages.publish_export(cmd.export)
+                    self.stats.exports_evicted += self.pages.publish_export(cmd.export)
                 finally:
                     self.cv.notify_all()  # importers wait for it to be published or withdrawn
             else:
@@ -345,7 +431,7 @@ class Scheduler:
 
     def _exclusive(self, instance_id: str, vid: int) -> int:
         before = self.pages.physical(instance_id, vid)
-        alloc = functools.partial(self.alloc_pages, near=before)  # the copy goes where the page is
+        alloc = functools.partial(self._take_pages, near=before)  # the copy goes where the page is
         after = self.pages.ensure_exclusive(instance_id, vid, alloc, self.engine.copy_page)
         if after != before:
             self.stats.pages_copied_on_write += 1
@@ -353,10 +439,17 @@ class Scheduler:
 
     def _prepare(self, queue_id: int) -> _Prepared | None:
         """Pops the queue's head forward, makes the pages it writes private and
-        translates it; a forward that cannot run fails here, alone."""
+        translates it; a forward that cannot run fails here, alone. One whose
+        copy-on-write copies the pool cannot give now stays at the head and
+        its queue waits for them (None)."""
         queue = self.queues[queue_id]
+        head = queue.head()
+        assert isinstance(head, ForwardCmd)
+        written = [head.pages[i] for i in _written_pages(head, self.pages.page_size)]
+        if not self._memory_for(queue, written):
+            return None
         cmd = queue.pop()
-        assert isinstance(cmd, ForwardCmd)
+        assert cmd is head
         if queue.closed and queue.drained():
             del self.queues[queue_id]
         inst = queue.instance_id
@@ -373,12 +466,8 @@ class Scheduler:
                 return None
             tokens = (drawn,) + tokens[1:]
         try:
-            page_size = self.pages.page_size
-            seq_len = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
-            first_written = seq_len - len(cmd.tokens)
-            written = range(first_written // page_size, (seq_len - 1) // page_size + 1) if cmd.tokens else range(0)
-            for index in written:
-                self._exclusive(inst, cmd.pages[index])
+            for vid in written:
+                self._exclusive(inst, vid)
             physical = [self.pages.physical(inst, vid) for vid in cmd.pages]
             # Queue.forward validated the command at enqueue; since then only
             # copy-on-write can have remapped its pages (to fresh private ones).
@@ -425,6 +514,8 @@ class Scheduler:
             self._inflight = []
             self.cv.notify_all()
         self._awaited = {p.queue_id for p in batch}
+        for prepared in batch:
+            self._last_active[prepared.instance_id] = ended
         self._last_step_end = ended
         self._last_step_latency = ended - started
         self.stats.engine_seconds += ended - started
@@ -480,6 +571,14 @@ class Scheduler:
         except Exception as exc:
             log.exception("engine step failed")
             return [(None, PieError.internal(f"engine step failed: {exc!r}"))]
+
+
+def _written_pages(cmd: ForwardCmd, page_size: int) -> range:
+    """Indices into `cmd.pages` of the pages its new tokens' K/V go to."""
+    if not cmd.tokens:
+        return range(0)
+    seq_len = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
+    return range((seq_len - len(cmd.tokens)) // page_size, (seq_len - 1) // page_size + 1)
 
 
 def _last_drawn(request: ForwardRequest, results: list[OutputResult]) -> int | None:

@@ -7,16 +7,15 @@ called from the instance's own thread: they validate at once (bad input is a
 `concurrent.futures.Future` that fails with a `PieError`.
 
 All mutable state is guarded by one lock (the condition `ServingCore._cv`).
-Only the engine thread runs device work (steps, copies, masks); instance
-threads touch just the engine's host-side page pool and `validate`, under the
-lock and never while a step is in flight (see `Scheduler.alloc_pages`).
+Only the engine thread runs device work (steps, copies, masks, preemption);
+instance threads touch just the engine's host-side page pool and `validate`,
+under the lock (see `Scheduler.allocate`).
 Futures are settled with the lock released, so their done-callbacks may call
 back into the core (they run on the engine thread: keep them short).
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -37,6 +36,7 @@ from .commands import (
     settle,
 )
 from .errors import PieError
+from .limits import TenantLimits
 from .policies import BatchPolicy
 from .resources import PageManager
 from .scheduler import Scheduler, ServingStats
@@ -53,6 +53,10 @@ class ServingCore:
     `token_budget` caps new tokens per step and `max_batch` requests per step
     (None = no cap); the `fixed_*` arguments tune the fixed-size and
     fixed-timeout policies, `adaptive_max_wait_ms` the adaptive one.
+    `limits` bounds the KV pages of each instance and namespace (see
+    `pie_runtime.limits`); under memory pressure allocations wait and
+    instances idle for `idle_victim_ms` (or ranking below a waiting request)
+    are preempted (see `pie_runtime.pressure`).
     """
 
     def __init__(
@@ -66,11 +70,15 @@ class ServingCore:
         fixed_timeout_ms: float = 10.0,
         fixed_max_wait_ms: float = 1000.0,
         adaptive_max_wait_ms: float = 200.0,
+        limits: TenantLimits | None = None,
+        idle_victim_ms: float = 250.0,
     ) -> None:
         self.engine = engine
         self.page_size: int = engine.page_size
+        self.limits = limits if limits is not None else TenantLimits()
+        self.page_bounds = self.limits.page_bounds(engine.pool.num_pages)
         self._cv = threading.Condition(threading.Lock())
-        self._pages = PageManager(self.page_size)
+        self._pages = PageManager(self.page_size, self.page_bounds)
         self._policy = BatchPolicy(
             name=policy,
             token_budget=token_budget,
@@ -80,7 +88,8 @@ class ServingCore:
             fixed_max_wait_s=fixed_max_wait_ms / 1000.0,
             adaptive_max_wait_s=adaptive_max_wait_ms / 1000.0,
         )
-        self._scheduler = Scheduler(engine, self._pages, self._policy, self._cv)
+        self._scheduler = Scheduler(engine, self._pages, self._policy, self._cv, self.page_bounds,
+                                    idle_victim_ms / 1000.0)
         self._instances: dict[str, InstanceState] = {}
 
     # ---- lifecycle --------------------------------------------------------
@@ -120,7 +129,7 @@ class ServingCore:
             self._pages.open_instance(instance_id, namespace, page_quota)
             state = InstanceState(self, instance_id, namespace)
             self._instances[instance_id] = state
-            self._scheduler.open_instances += 1
+            self._scheduler.instance_opened(instance_id)
             self._cv.notify_all()  # a fixed-size batch may be waiting on this count
             return state
 
@@ -136,8 +145,7 @@ class ServingCore:
             self._scheduler.open_instances -= 1
             cancelled = self._scheduler.cancel_instance(instance_id)
             self._pages.close_instance(instance_id)
-            if not self._scheduler.stepping:  # else the engine thread flushes after its step
-                self._scheduler.flush_released()
+            self._scheduler.flush_released()  # unless a step is in flight: then the engine thread does
             self._cv.notify_all()
         error = PieError.closed(f"instance {instance_id!r} {reason}")
         for future in cancelled:
@@ -170,7 +178,26 @@ class ServingCore:
     @property
     def stats(self) -> ServingStats:
         with self._cv:
-            return self._scheduler.stats.copy()
+            stats = self._scheduler.stats.copy()
+            stats.paused_seconds = self._scheduler.arbiter.paused_seconds()
+            return stats
+
+    def instance_pages(self, instance_id: str) -> tuple[int, int]:
+        """(pages it holds now, the most it held at once), resident or swapped
+        out: what the server charges an open instance for."""
+        with self._cv:
+            inst = self._pages.instance(instance_id)
+            return inst.held(), inst.peak
+
+    def namespace_pages(self, namespace: str) -> int:
+        """Pages a namespace's instances and exports hold (resident or swapped out)."""
+        with self._cv:
+            return self._pages.namespace_held(namespace)
+
+    def suspended_instances(self) -> list[str]:
+        """Instances preempted (their pages in host memory) right now."""
+        with self._cv:
+            return self._scheduler.arbiter.suspended()
 
     def free_pages(self) -> int:
         """Pages in the engine's pool that no one holds (including released
@@ -280,15 +307,14 @@ class Queue:
 
     # ---- pages ----------------------------------------------------------------
     def allocate_pages(self, count: int) -> list[int]:
-        """Fresh page ids, at once; out-of-memory (and nothing allocated) if the
-        pool or the instance's quota cannot hold them."""
+        """Fresh page ids. Out-of-memory at once (and nothing allocated) past
+        the instance's or its namespace's quota (never more than the pool);
+        otherwise it may wait, under memory pressure, until pages are free
+        or made free by preempting someone (`pie_runtime.pressure`)."""
         _check_u32("count", count)
         with self._core._cv:
             self._check_open()
-            # Next to a page the instance holds: data-parallel replicas keep an instance on one.
-            near = next(iter(self._pages.instance(self.instance_id).table.values()), None)
-            alloc = functools.partial(self._core._scheduler.alloc_pages, near=near)
-            return self._pages.allocate(self.instance_id, count, alloc)
+            return self._core._scheduler.allocate(self.instance_id, count)
 
     def free_pages(self, pages: Sequence[int]) -> None:
         """Releases pages after the earlier commands on this queue; the ids are
@@ -447,21 +473,21 @@ class Queue:
         return _gather_run([each.future for each in cmds])
 
     def _validate(self, cmd: ForwardCmd) -> None:
-        """Validates the command once, here, against today's physical pages:
-        copy-on-write may remap them before the step, but only to fresh
-        private pages, and shapes, ranges and ids do not change (the scheduler
-        does not validate again). Called with the lock held."""
-        physical = self._pages.physical
+        """Validates the command once, here; the scheduler does not validate
+        again. Its page ids were checked by `check_live` (the engine does not
+        see them: they may map to swapped-out pages now, and copy-on-write
+        may remap them before the step); shapes, ranges and tokens do not
+        change. Called with the lock held."""
         request = ForwardRequest(
             tokens=cmd.tokens,
             positions=cmd.positions,
-            pages=[physical(self.instance_id, v) for v in cmd.pages],
+            pages=cmd.pages,
             last_page_len=cmd.last_page_len,
             mask=cmd.mask,
             outputs=cmd.outputs,
         )
         try:
-            self._core.engine.validate(request)
+            self._core.engine.validate(request, check_pages=False)
         except EngineInputError as exc:
             raise PieError.invalid(str(exc)) from exc
 

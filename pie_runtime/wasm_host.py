@@ -49,8 +49,10 @@ from wasmtime.component import Linker, Record, ResourceType
 from engine_jax.batch import Distribution, EngineInputError, Logprobs, Sample
 from pie_runtime import component_cache, grammar, host_calls, wit_codecs
 from pie_runtime.errors import PieError
-from pie_runtime.policies import DEFAULT_DECODE_RUN
+from pie_runtime.guest_output import LineSink, OutputBudget
 from pie_runtime.kvstore import KVStore, NamespacedKV
+from pie_runtime.limits import TenantLimits
+from pie_runtime.policies import DEFAULT_DECODE_RUN
 from pie_runtime.messaging import Broker, ClientChannel, Subscription
 
 log = logging.getLogger("pie_runtime.host")
@@ -85,46 +87,65 @@ class Kind(enum.IntEnum):
 # --------------------------------------------------------------------------- capabilities
 
 
+NETWORK_REFUSED = (
+    "network access cannot be granted: wasmtime-py 50's WASI configuration can only hand a guest the "
+    "host's whole network (wasi_config_inherit_network), with no way to limit it to listed host:port "
+    "pairs, so pie-run refuses rather than grant more than was asked")
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """Outside access an instance gets: what the operator allows, met with what the inferlet declares."""
+    """Outside access an instance gets: what the operator allows, met with what the inferlet declares.
 
-    net: bool = False
-    fs: tuple[str, ...] = ()  # host directories, preopened at the same path inside the guest
-    # runtime.launch. Granted on the declaration alone: children run on this
-    # server under the parent's limits, and only programs the operator registered.
+    - `fs`: host directories preopened read-only, at the same path inside
+      the guest (operator: `fs:DIR`); `fs_rw`: read and write (`fs-rw:DIR`).
+      An inferlet declaring "filesystem" gets them all; no other path exists
+      for it.
+    - `launch`: `runtime.launch` (operator: `launch`); children run on this
+      server under the launch tree's limits (`pie_runtime.limits`).
+    - Network: never. See `NETWORK_REFUSED`.
+    """
+
+    fs: tuple[str, ...] = ()
+    fs_rw: tuple[str, ...] = ()
     launch: bool = False
 
     @classmethod
     def parse(cls, spec: str | None) -> "Capabilities":
-        """Parses the operator's `--allow` value, e.g. ``net,fs:/data``."""
-        net, dirs = False, []
+        """Parses the operator's `--allow` value, e.g. ``fs:/data,fs-rw:/scratch,launch``."""
+        read_only, read_write, launch = [], [], False
         for item in (spec or "").split(","):
             item = item.strip()
             if not item:
                 continue
-            if item == "net":
-                net = True
-            elif item.startswith("fs:") and len(item) > 3:
-                directory = Path(item[3:]).expanduser().resolve()
+            kind, _, path = item.partition(":")
+            if kind == "launch" and not path:
+                launch = True
+            elif kind in ("net", "network"):
+                raise ValueError(f"--allow {item}: {NETWORK_REFUSED}")
+            elif kind in ("fs", "fs-rw") and path:
+                directory = Path(path).expanduser().resolve()
                 if not directory.is_dir():
                     raise ValueError(f"--allow {item}: {directory} is not a directory")
-                dirs.append(str(directory))
+                (read_write if kind == "fs-rw" else read_only).append(str(directory))
             else:
-                raise ValueError(f"unknown capability {item!r}; expected 'net' or 'fs:DIR'")
-        return cls(net=net, fs=tuple(dirs))
+                raise ValueError(f"unknown capability {item!r}; expected 'fs:DIR' (read-only), "
+                                 "'fs-rw:DIR' (read and write) or 'launch'")
+        read_only = [d for d in read_only if d not in read_write]
+        return cls(fs=tuple(dict.fromkeys(read_only)), fs_rw=tuple(dict.fromkeys(read_write)), launch=launch)
 
     def grant(self, declared: Iterable[str]) -> "Capabilities":
         """What an inferlet declaring `declared` actually gets: never more than either side."""
-        # Manifests name them "network"/"filesystem" (inferlet_toolchain.manifest);
-        # the operator's --allow uses the short forms.
-        aliases = {"network": "net", "filesystem": "fs"}
+        # Manifests name them "filesystem"/"launch" (inferlet_toolchain.manifest).
+        aliases = {"filesystem": "fs"}
         kinds = {aliases.get(k, k) for k in (str(d).split(":", 1)[0].strip() for d in declared)}
-        return Capabilities(net=self.net and "net" in kinds, fs=self.fs if "fs" in kinds else (),
-                            launch="launch" in kinds)
+        files = "fs" in kinds
+        return Capabilities(fs=self.fs if files else (), fs_rw=self.fs_rw if files else (),
+                            launch=self.launch and "launch" in kinds)
 
     def describe(self) -> str:
-        parts = (["net"] if self.net else []) + [f"fs:{d}" for d in self.fs] + (["launch"] if self.launch else [])
+        parts = ([f"fs:{d}" for d in self.fs] + [f"fs-rw:{d}" for d in self.fs_rw]
+                 + (["launch"] if self.launch else []))
         return ",".join(parts) or "none"
 
 
@@ -290,6 +311,8 @@ class InstanceContext:
         # Starts a child instance (program name, arguments) -> future of its
         # result; set by the Instance, which knows its program and limits.
         self.launcher: Callable[[str, Sequence[str]], cf.Future] | None = None
+        # The most KV pages the server charged this instance at once (read when it closes).
+        self.kv_pages_peak = 0
         self._closed = False
 
     # ---------------------------------------------------------------- serving core
@@ -354,13 +377,19 @@ class InstanceContext:
 
         With `drain_seconds` (a normal return) the commands the instance
         already queued run first, for up to that long, so its last frees and
-        exports are not lost; after an error or a kill they are cancelled."""
+        exports are not lost; after an error or a kill they are cancelled.
+
+        Safe to call from any thread and more than once: `Instance.terminate`
+        calls it from the terminating side while the instance's own thread
+        may still be blocked in a WASI call (which wasmtime cannot
+        interrupt), and that thread calls it again when it ends. Only the
+        first call drains; every call releases what is left (a later call
+        cuts a drain in progress short)."""
         with self._states_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            states, self._states = list(self._states), {}
-        if drain_seconds > 0:
+            states = list(self._states)
+        if first and drain_seconds > 0:
             for model_name in states:
                 served = self.host.models.get(model_name)
                 if served is not None and not served.core.drain_instance(self.instance_id, drain_seconds):
@@ -374,6 +403,10 @@ class InstanceContext:
         for model_name in states:
             served = self.host.models.get(model_name)
             if served is not None:
+                try:
+                    self.kv_pages_peak = max(self.kv_pages_peak, served.core.instance_pages(self.instance_id)[1])
+                except PieError:  # closed already (by the other thread releasing it)
+                    pass
                 try:
                     served.core.close_instance(self.instance_id)
                 except Exception:  # noqa: BLE001 - teardown must go on for the other models
@@ -500,16 +533,38 @@ class Host:
         guest_output: GuestOutput = stderr_guest_output,
         wasm_engine: wasmtime.Engine | None = None,
         version: str = SERVER_VERSION,
+        limits: TenantLimits | None = None,
     ) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
+        self.limits = limits if limits is not None else TenantLimits()
         self.broker = broker if broker is not None else Broker()
-        self.kvstore = kvstore if kvstore is not None else KVStore()
+        self.kvstore = kvstore if kvstore is not None else KVStore(self.limits)
         self.guest_output = guest_output
         self.wasm_engine = wasm_engine if wasm_engine is not None else component_cache.shared_engine()
         self.version = version
         self.linker = build_linker(self.wasm_engine)
         # Programs instances may launch by name (pie-run --program NAME=PATH).
         self.programs: dict[str, Program] = {}
+        self._live: set[str] = set()  # instances admitted whose thread has not ended
+        self._live_lock = threading.Lock()
+
+    def admit(self, instance_id: str) -> None:
+        """Counts a starting instance; out-of-memory past `max_instances`."""
+        with self._live_lock:
+            if len(self._live) >= self.limits.max_instances:
+                raise PieError.out_of_memory(
+                    f"the server already runs {len(self._live)} instances, the most allowed (max_instances)")
+            self._live.add(instance_id)
+
+    def retire(self, instance_id: str) -> None:
+        with self._live_lock:
+            self._live.discard(instance_id)
+
+    def live_instances(self) -> int:
+        """Instances started whose thread has not ended yet (terminated ones
+        still blocked in a WASI call included)."""
+        with self._live_lock:
+            return len(self._live)
 
     def register_program(self, program: Program) -> None:
         if not program.name:
@@ -667,12 +722,12 @@ def _messaging_receive(ctx, store):
 def _messaging_broadcast(ctx, store, topic, message):
     _check_size("topic", topic, MAX_TOPIC_BYTES)
     _check_size("message", message, MAX_MESSAGE_BYTES)
-    ctx.host.broker.broadcast(topic, message)
+    ctx.host.broker.broadcast(topic, message, ctx.namespace)
 
 
 def _messaging_subscribe(ctx, store, topic):
     _check_size("topic", topic, MAX_TOPIC_BYTES)
-    sub = ctx.host.broker.subscribe(topic)
+    sub = ctx.host.broker.subscribe(topic, ctx.namespace)
     ctx.subscriptions.add(sub)
     return _own(ctx, Kind.SUBSCRIPTION, sub)
 
@@ -895,6 +950,8 @@ def _bind(fn: Callable[..., Any], returns_result: bool, name: str) -> Callable[.
         if ctx.first_call_at is None:
             ctx.first_call_at = time.perf_counter()
         try:
+            if ctx.stopped.done():  # terminated (and maybe released already): no more host work
+                raise InstanceTerminated(ctx.stopped.result())
             return fn(ctx, store, *args)
         except PieError as e:
             if returns_result:
@@ -1039,30 +1096,8 @@ def build_linker(engine: wasmtime.Engine) -> Linker:
 # --------------------------------------------------------------------------- WASI
 
 
-class _LineSink:
-    """Splits a guest's byte stream into lines for the guest-output sink."""
-
-    def __init__(self, emit: Callable[[str], None]) -> None:
-        self._emit = emit
-        self._buffer = b""
-        self._lock = threading.Lock()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._buffer += data
-            *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            self._emit(line.decode("utf-8", "replace"))
-
-    def flush(self) -> None:
-        with self._lock:
-            rest, self._buffer = self._buffer, b""
-        if rest:
-            self._emit(rest.decode("utf-8", "replace"))
-
-
-def make_wasi(ctx: InstanceContext, grant: Capabilities, program_name: str = "inferlet") -> tuple[wasmtime.WasiConfig, list[_LineSink]]:
-    """WASI for one instance: no stdin, no env, stdout/stderr to the sink, only granted dirs/network."""
+def make_wasi(ctx: InstanceContext, grant: Capabilities, program_name: str = "inferlet") -> tuple[wasmtime.WasiConfig, list[LineSink]]:
+    """WASI for one instance: no stdin, no env, no network, stdout/stderr to the sink, only granted dirs."""
     wasi = wasmtime.WasiConfig()
     wasi.argv = [program_name, *ctx.arguments]
     sinks = []
@@ -1071,15 +1106,14 @@ def make_wasi(ctx: InstanceContext, grant: Capabilities, program_name: str = "in
             ctx.stderr_tail.append(text)
         ctx.host.guest_output(ctx.instance_id, stream, text)
 
+    limits = ctx.host.limits
+    budget = OutputBudget(limits.output_bytes)
     for stream in ("stdout", "stderr"):
-        sink = _LineSink(lambda text, s=stream: emit(s, text))
+        sink = LineSink(lambda text, s=stream: emit(s, text), budget, limits.output_line_bytes)
         sinks.append(sink)
         setattr(wasi, f"{stream}_custom", sink.write)
     for directory in grant.fs:
-        wasi.preopen_dir(directory, directory)
-    if grant.net:
-        from wasmtime import _ffi as ffi
-
-        ffi.wasi_config_inherit_network(wasi.ptr())
-        ffi.wasi_config_allow_ip_name_lookup(wasi.ptr(), True)
+        wasi.preopen_dir(directory, directory, fs_mutable=False)
+    for directory in grant.fs_rw:
+        wasi.preopen_dir(directory, directory, fs_mutable=True)
     return wasi, sinks

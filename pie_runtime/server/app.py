@@ -58,7 +58,7 @@ class ServerState:
     # ---- start / stop ---------------------------------------------------------------
     def load(self) -> None:
         """Loads the model, compiles the common shapes, starts the core (blocking: a worker thread)."""
-        from pie_runtime.options import instance_limits, load_engine, start_runtime
+        from pie_runtime.options import instance_limits, load_engine, start_runtime, tenant_limits
         from pie_runtime.server.programs import ProgramStore, load_program_file
         from pie_runtime.server.sessions import InstanceRegistry
         from pie_runtime.server.warmup import warm_up
@@ -76,7 +76,7 @@ class ServerState:
         warm_up(built.engine, s.warmup_batches, s.warmup_prompts, log.info)
         runtime = start_runtime(s, built, guest_output=self._guest_output, programs=programs.registered())
         self.registry = InstanceRegistry(
-            runtime.host, instance_limits=instance_limits(s), max_instances=s.max_instances,
+            runtime.host, instance_limits=instance_limits(s), max_instances=tenant_limits(s).max_instances,
             max_tenant_instances=s.max_tenant_instances, event_buffer_bytes=s.event_buffer_kb * 1024,
             keep_ended_seconds=s.keep_ended_seconds)
         self.programs = programs

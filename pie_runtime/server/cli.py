@@ -84,9 +84,10 @@ class PieServer(uvicorn.Server):
         if running:
             log.info("pie-serve: terminating %d instance(s) still running", len(running))
             registry.terminate_all("the server is shutting down")
-            grace = time.monotonic() + TERMINATE_GRACE_SECONDS
-            while registry.running() and time.monotonic() < grace:
-                await asyncio.sleep(0.05)
+        # Their clients hear how each ended before the connections close.
+        grace = time.monotonic() + TERMINATE_GRACE_SECONDS
+        while registry is not None and (registry.running() or registry.streaming()) and time.monotonic() < grace:
+            await asyncio.sleep(0.05)
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:

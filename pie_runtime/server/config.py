@@ -93,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--warmup-prompts", default="128", metavar="LIST",
                    help="prompt lengths (tokens) to compile prefill steps for (default 128; '' = none)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-instances", type=positive_int, default=256, metavar="N",
-                     help="instances running at once, all tenants (default 256)")
     lim.add_argument("--max-tenant-instances", type=positive_int, default=64, metavar="N",
                      help="instances running at once per tenant (default 64)")
     lim.add_argument("--max-upload-mb", type=positive_int, default=64, metavar="MB",

@@ -143,7 +143,12 @@ class InstanceRegistry:
             record = ServerInstance(instance_id, tenant, program.name, instance, buffer, owner=owner)
             self._records[instance_id] = record
         instance.outcome.add_done_callback(lambda done: self._ended(record, done.result()))
-        instance.start()
+        try:
+            instance.start()
+        except PieError as e:  # past an operator's limit (live instances, launch-tree memory)
+            with self._lock:
+                self._records.pop(instance_id, None)
+            raise ProtocolError("limit", e.message) from None
         return record
 
     def _admit(self, tenant: str) -> None:
@@ -226,6 +231,11 @@ class InstanceRegistry:
         for record in records:
             if record.ended_at is None:
                 record.instance.terminate(reason)
+
+    def streaming(self) -> list[ServerInstance]:
+        """Instances whose client has not been sent their final event yet."""
+        with self._lock:
+            return [r for r in self._records.values() if r.owner is not None]
 
     def running(self) -> list[ServerInstance]:
         with self._lock:

@@ -155,3 +155,45 @@ def test_copied_page_continues_the_sequence_identically(engine):
     np.testing.assert_allclose(branch_b[0], scratch[-1], atol=1e-5)
     branch_a = step_logprobs(engine, request(engine, [11], [8], a, 9))
     assert np.abs(branch_a - branch_b).max() > 1e-3
+
+
+def _attack_logprobs(engine, page):
+    """What a new owner of `page` computes after making its unwritten slots attendable
+    (as `mask-slots(..., masked=false)` would) and attending them with one token."""
+    engine.set_valid(page, 0, engine.page_size, True)
+    return step_logprobs(engine, request(engine, [9], [3], [page], 4))
+
+
+def test_a_reused_page_is_cleared_so_results_are_bit_identical_to_a_never_used_one(engine):
+    [page] = engine.pool.alloc(1)
+    never_used = _attack_logprobs(engine, page)
+    engine.pool.free([page])
+    # Someone writes a secret into the page and frees it; the page goes to a new owner.
+    [secret_page] = engine.pool.alloc(1)
+    assert secret_page == page
+    engine.step([request(engine, [101, 102, 103, 104], range(4), [secret_page], 4, with_logprobs=False)])
+    assert np.abs(np.asarray(engine.cache.k[0])[page]).sum() > 0
+    engine.pool.free([secret_page])
+    [reused] = engine.pool.alloc(1)
+    assert reused == page
+    np.testing.assert_array_equal(_attack_logprobs(engine, reused), never_used)  # bit for bit
+    for layer in range(engine.config.num_layers):
+        assert not np.asarray(engine.cache.k[layer])[page, :3].any()
+        assert not np.asarray(engine.cache.v[layer])[page, :3].any()
+    engine.pool.free([reused])
+
+
+def test_saved_pages_load_into_other_pages_and_continue_identically(engine):
+    tokens = [5, 9, 40, 41, 42, 43]
+    a = engine.pool.alloc(2)
+    engine.step([request(engine, tokens, range(6), a, 6, with_logprobs=False)])
+    engine.set_valid(a[0], 1, 1, False)  # the valid bits travel too
+    want = step_logprobs(engine, request(engine, [77], [6], a, 7))
+    saved = engine.save_pages(a)
+    assert len(saved) == 2 and saved.nbytes > 0
+    b = engine.pool.alloc(2)  # other physical pages
+    engine.pool.free(a)
+    engine.load_pages(b, saved)
+    got = step_logprobs(engine, request(engine, [77], [6], b, 7))
+    np.testing.assert_array_equal(got, want)
+    engine.pool.free(b)

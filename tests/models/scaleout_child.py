@@ -10,6 +10,9 @@ spec (model directories, a built component) and writes a JSON report:
   and for qwen3 TP=2 with the Pallas kernel (interpret mode) per shard;
 * ``tokens[family][config]``: the tokens drawn in those steps (greedy,
   seeded top-p, masked as a grammar would, top-k distribution ids);
+* ``saved[family][config]``: for TP=4 and DP=2 x TP=2, the largest log-prob
+  difference between a decode step on the sequences' pages and one on fresh
+  pages they were saved into (``save_pages`` / ``load_pages``, preemption's);
 * ``collectives[family]``: every collective of the compiled TP=4 decode
   step, with its result shape, plus the weight shapes it must not gather;
 * ``texts[family][tp]``: pie-run's greedy completion at TP=1, 2, 4, and
@@ -39,10 +42,10 @@ def main(spec_path: str, out_path: str) -> None:
 
     assert jax.device_count() == 8, jax.devices()
     spec = json.loads(Path(spec_path).read_text())
-    report: dict = {"logits": {}, "tokens": {}, "collectives": {}, "texts": {}}
+    report: dict = {"logits": {}, "tokens": {}, "saved": {}, "collectives": {}, "texts": {}}
     for family, directory in spec["families"].items():
-        logits, tokens, collectives = engine_checks(directory, kernel=family == "qwen3")
-        report["logits"][family], report["tokens"][family] = logits, tokens
+        logits, tokens, saved, collectives = engine_checks(directory, kernel=family == "qwen3")
+        report["logits"][family], report["tokens"][family], report["saved"][family] = logits, tokens, saved
         report["collectives"][family] = collectives
         report["texts"][family] = {tp: pie_run(spec, directory, "--tensor-parallel", tp) for tp in ("1", "2", "4")}
     report["texts"]["mistral"]["dp2xtp2"] = pie_run(spec, spec["families"]["mistral"], "--tensor-parallel", "2",
@@ -72,7 +75,7 @@ def engines(directory: str, tp: int, dp: int = 1, attention: str | None = None):
 def engine_checks(directory: str, kernel: bool):
     from engine_jax.batch import Distribution, ForwardRequest, Logprobs, Sample
 
-    results, hlo = {}, None
+    results, saved, hlo = {}, {}, None
     layouts = [("tp1", 1, 1, None), ("tp2", 2, 1, None), ("tp4", 4, 1, None), ("dp2xtp2", 2, 2, None)]
     for name, tp, dp, attention in layouts + ([("tp2-kernel", 2, 1, "interpret")] if kernel else []):
         tokenizer, engine = engines(directory, tp, dp, attention)
@@ -85,6 +88,8 @@ def engine_checks(directory: str, kernel: bool):
             Logprobs(index=0, token_ids=vocab), Sample(index=0), Distribution(index=0, k=5),
             Sample(index=0, temperature=0.9, top_p=0.8, seed=7),
             Sample(index=0, allowed=np.arange(len(vocab)) % 2 == 1)])  # a grammar-style mask: odd ids only
+        if name in ("tp4", "dp2xtp2"):
+            saved[name] = save_and_load(engine, sequences, tokens[4], len(tokens) + 1, vocab)
         if tp == 4 and dp == 1:
             hlo = engine.step_hlo([ForwardRequest(tokens=[5], positions=[9], pages=sequences[0],
                                                   last_page_len=2, outputs=[Sample(index=0)])])
@@ -95,7 +100,20 @@ def engine_checks(directory: str, kernel: bool):
               for name, runs in results.items() if name != "tp1"}
     draws = {name: [_jsonable(d) for _, d in runs] for name, runs in results.items()}
     assert all(d == _jsonable(ref_draws) for d in draws["tp1"])
-    return logits, draws, {"ops": _collectives(hlo), "weights": weights, "layers": engine.config.num_layers}
+    return logits, draws, saved, {"ops": _collectives(hlo), "weights": weights, "layers": engine.config.num_layers}
+
+
+def save_and_load(engine, sequences, token, start, vocab) -> float:
+    """Saves every sequence's pages to the host in one call (across replicas), loads them into
+    fresh pages, and runs the same decode step on both: the largest log-prob difference."""
+    from engine_jax.batch import Logprobs
+
+    saved = engine.save_pages([p for pages in sequences for p in pages])
+    fresh = [engine.pool.alloc(len(pages)) for pages in sequences]
+    engine.load_pages([p for pages in fresh for p in pages], saved)
+    outputs = [Logprobs(index=0, token_ids=vocab)]
+    before, after = (run_step(engine, seqs, [token], start, outputs) for seqs in (sequences, fresh))
+    return max(float(np.abs(np.array(a) - np.array(b)).max()) for a, b in zip(before, after))
 
 
 def run_step(engine, sequences, new, start, outputs):
@@ -196,8 +214,8 @@ def replica_checks(directory: str) -> dict:
         qa.export_pages("prefix", pages_a, 1, False)
         qa.synchronize().result(60)
         imported, _ = qb.import_pages("prefix")
-        try:
-            qb.forward([8], [5], pages_b[:1] + imported[1:], 2, outputs=[Sample(index=0)])
+        try:  # refused when its step runs (the serving core maps the pages then), alone
+            qb.forward([8], [5], pages_b[:1] + imported[1:], 2, outputs=[Sample(index=0)]).result(60)
             out["mixed_forward_error"] = None
         except PieError as exc:
             out["mixed_forward_error"] = str(exc)

@@ -63,6 +63,15 @@ def test_logits_and_tokens_equal_one_device(report, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_pages_saved_to_the_host_and_loaded_back_continue_alike(report, family):
+    """Preemption's save_pages / load_pages on TP=4 (K/V split over devices come back whole) and on
+    DP=2 x TP=2 (one call over both replicas' pages, rows in order): a decode step on the fresh
+    pages equals one on the originals (Gemma 3: slot positions too)."""
+    assert set(report["saved"][family]) == {"tp4", "dp2xtp2"}
+    assert all(d <= 1e-6 for d in report["saved"][family].values()), report["saved"][family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pie_run_greedy_text_is_the_same_on_every_layout(report, family):
     texts = report["texts"][family]
     for layout, run in texts.items():

@@ -299,18 +299,25 @@ def test_brle_with_the_wrong_total_is_invalid():
 
 
 def test_capabilities_need_both_the_operator_and_the_manifest(tmp_path):
-    allow = Capabilities.parse(f"net,fs:{tmp_path}")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    ro, rw = str((tmp_path / "ro").resolve()), str((tmp_path / "rw").resolve())
+    allow = Capabilities.parse(f"fs:{ro},fs-rw:{rw},launch")
+    assert allow == Capabilities(fs=(ro,), fs_rw=(rw,), launch=True)
     assert allow.grant([]) == Capabilities()
-    assert allow.grant(["net"]) == Capabilities(net=True)
-    assert allow.grant(["fs", "net"]) == Capabilities(net=True, fs=(str(tmp_path.resolve()),))
-    assert Capabilities.parse("").grant(["net", "fs"]) == Capabilities()
+    assert allow.grant(["launch"]) == Capabilities(launch=True)
+    assert allow.grant(["fs"]) == Capabilities(fs=(ro,), fs_rw=(rw,))
+    assert Capabilities.parse("").grant(["fs", "launch"]) == Capabilities()
     # The names a manifest may declare (pie-build checks them) grant the same.
     from inferlet_toolchain.manifest import CAPABILITIES
 
-    assert {"network", "filesystem"} <= set(CAPABILITIES)
-    assert allow.grant(["network", "filesystem"]) == allow.grant(["net", "fs"])
+    assert {"filesystem", "launch"} <= set(CAPABILITIES)
+    assert allow.grant(["filesystem", "launch"]) == allow.grant(["fs", "launch"])
+    assert allow.grant(["network"]) == Capabilities()  # never granted
     with pytest.raises(ValueError, match="unknown capability"):
         Capabilities.parse("gpu")
+    with pytest.raises(ValueError, match="network access cannot be granted"):
+        Capabilities.parse("net")
     with pytest.raises(ValueError, match="not a directory"):
         Capabilities.parse(f"fs:{tmp_path / 'missing'}")
 
@@ -324,8 +331,10 @@ def test_kvstore_and_broker_units():
     assert a.list_keys("k") == ["k1", "k2"] and a.delete("k1") and not a.delete("k1")
     broker = Broker()
     s1, s2 = broker.subscribe("t"), broker.subscribe("t")
+    elsewhere = broker.subscribe("t", namespace="other-user")
     f1 = s1.next()
-    assert broker.broadcast("t", "m") == 2
+    assert broker.broadcast("t", "m") == 2  # topics are namespaced
+    assert not elsewhere.next().done()
     assert f1.result(1) == "m" and s2.next().result(1) == "m"
     s1.close()
     assert broker.subscriber_count("t") == 1

@@ -14,7 +14,8 @@ import pytest
 
 from inferlet_toolchain.inferlet.args import ArgSpec
 from inferlet_toolchain.manifest import Manifest
-from pie_runtime import instance as instance_module
+from pie_runtime.instance import InstanceLimits
+from pie_runtime.limits import TenantLimits
 from pie_runtime.messaging import ClientChannel
 from pie_runtime.wasm_host import Capabilities, Host, Program, ServedModel
 from tests.runtime.guests.fixtures import NUM_PAGES, engine_greedy, launch
@@ -49,7 +50,9 @@ def _wait_for_keys(host, prefix, count, timeout=60.0):
 
 
 def test_concurrent_children_return_their_results_in_launch_order(host, probe):
-    parent = launch(host, probe, "launch_self", "4", "runtime", "child-{i}", grant=LAUNCH)
+    # Five instances of 256 MiB fit the launch tree's default 4 GiB; of 1 GiB they would not.
+    parent = launch(host, probe, "launch_self", "4", "runtime", "child-{i}", grant=LAUNCH,
+                    limits=InstanceLimits(memory_bytes=256 << 20))
     r = _ok_json(parent.wait(120))
     children = [json.loads(result) for result in r["results"]]
     assert [c["arguments"] for c in children] == [["runtime", f"child-{i}"] for i in range(4)]
@@ -98,21 +101,24 @@ def test_a_parent_that_ends_terminates_its_running_children(host, probe, core, h
     _assert_pool_restored(core)
 
 
-def test_live_children_are_limited(host, probe, core, monkeypatch):
-    monkeypatch.setattr(instance_module, "MAX_CHILDREN", 2)
+def test_live_instances_of_a_launch_tree_are_limited(engine, core, probe):
+    host = Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None,
+                limits=TenantLimits(max_tree_instances=3))
     client = ClientChannel()
     parent = launch(host, probe, "launch_many", "5", "park", client=client, grant=LAUNCH)
     _wait_for_keys(host, "launched/", 1)
     client.deliver("go")
     r = _ok_json(parent.wait(120))
-    assert r["started"] == 2
-    assert r["refused"]["code"] == "out-of-memory" and "2 running children" in r["refused"]["message"]
+    assert r["started"] == 2  # the parent and two children make three
+    assert r["refused"]["code"] == "out-of-memory" and "max_tree_instances" in r["refused"]["message"]
     _assert_pool_restored(core)
 
 
-def test_launch_depth_is_limited(host, probe):
+def test_launch_depth_is_limited(engine, core, probe):
+    host = Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None,
+                limits=TenantLimits(max_launch_depth=2))
     r = _ok_json(launch(host, probe, "deep", grant=LAUNCH).wait(120))
-    assert r["level"] == instance_module.MAX_LAUNCH_DEPTH
+    assert r["level"] == 2
     assert r["code"] == "unsupported" and "launch depth" in r["message"]
 
 

@@ -55,6 +55,10 @@ def test_usage_errors_exit_2(tmp_path):
     assert pie_run([tmp_path / "missing.wasm"])[0] == 2
     code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "teleport"])
     assert code == 2 and "unknown capability" in err
+    code, _, err = pie_run([tmp_path / "missing.wasm", "--allow", "net"])
+    assert code == 2 and "network access cannot be granted" in err
+    code, _, err = pie_run([tmp_path / "missing.wasm", "--instances", "3", "--max-instances", "2"])
+    assert code == 2 and "--max-instances" in err
     code, _, err = pie_run([REPO / "pyproject.toml", "--program", "no-path"])
     assert code == 2 and "expected NAME=PATH" in err
     code, _, err = pie_run([REPO / "pyproject.toml", "--program", f"x={tmp_path / 'missing.wasm'}"])
@@ -83,11 +87,41 @@ def test_many_instances_print_results_and_a_summary(probe_wasm, tiny_llama_dir):
     assert "batch sizes" in err
 
 
+def test_messages_are_framed_so_no_instance_can_print_another_ones_line(probe_wasm, tiny_llama_dir):
+    """A message with line breaks (or terminal escapes) prints as one escaped
+    line, always behind its sender's tag; JSON passes unchanged."""
+    forged = "fine\n[1] forged line\r\x1b[2K\\"
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--instances", "2",
+                              "--", "say", forged])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 4  # one message and one result per instance: nothing more
+    assert all(line[:4] in ("[0] ", "[1] ") for line in lines)
+    framed = "fine\\n[1] forged line\\r\\x1b[2K\\"
+    assert sorted(line for line in lines if "forged" in line) == [f"[{k}] {framed}" for k in (0, 1)]
+    payload = json.dumps({"text": "two\nlines \"quoted\" é"})
+    code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "say", payload])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0]) == json.loads(payload)
+
+
 def test_a_failing_instance_makes_the_exit_code_nonzero(probe_wasm, tiny_llama_dir):
     code, out, err = pie_run([probe_wasm, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "trap"])
     assert code == 1
     assert "RuntimeError: deliberate failure in the guest" in err
     assert out == ""
+
+
+def test_tenant_limit_options_reach_the_server(tiny_llama_dir):
+    hostile = build_guest("hostile")
+    code, out, err = pie_run([hostile, "--model", tiny_llama_dir, *MODEL_OPTS, "--instance-pages", "2",
+                              "--", "allocate", "3"])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"code": "out-of-memory"}
+    code, _, err = pie_run([hostile, "--model", tiny_llama_dir, *MODEL_OPTS, "--tree-memory-bytes", "0",
+                            "--", "allocate", "1"])
+    assert code == 2 and "cannot start an instance" in err and "tree_memory_bytes" in err
+    assert pie_run(["x.wasm", "--kv-keys", "-1"])[0] == 2
 
 
 def test_cpu_limit_option_stops_a_runaway_instance(probe_wasm, tiny_llama_dir):
@@ -139,25 +173,31 @@ def _children_messages(out: str) -> tuple[dict[str, str], list[str]]:
 @pytest.mark.slow
 def test_an_sdk_inferlet_launches_children_of_itself(tiny_llama_dir):
     """inferlet.launch / launch_async through pie-run: results in launch order, messages tagged."""
-    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--children", "3"])
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--children", "1"])
+    assert code == 1 and "'launch' capability" in err and "--allow launch" in err  # the operator's grant
+    code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                              "--", "--children", "3"])
     assert code == 0, err
     tagged, rest = _children_messages(out)
     assert sorted(tagged.values()) == ["leaf 0", "leaf 1", "leaf 2", "leaf 3"] and len(tagged) == 4
     assert rest == [json.dumps(["tag-0", "tag-1", "tag-2", "tag-3"])]
-    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--child-args", "--tag"])
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                            "--", "--child-args", "--tag"])
     assert code == 1 and "invalid-argument" in err and "--tag" in err
 
 
 @pytest.mark.slow
 def test_registered_programs_can_be_launched_by_name(probe_wasm, tiny_llama_dir):
     code, out, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--program", f"probe={probe_wasm}",
-                              "--", "--program", "probe", "--children", "2", "--child-args", "say hi-{i}"])
+                              "--allow", "launch", "--", "--program", "probe", "--children", "2",
+                              "--child-args", "say hi-{i}"])
     assert code == 0, err
     tagged, rest = _children_messages(out)
     assert len(rest) == 1
     child_ids = json.loads(rest[0])
     assert tagged == {cid: f"hi-{i}" for i, cid in enumerate(child_ids)}
-    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--", "--program", "probe"])
+    code, _, err = pie_run([SPAWNER, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch",
+                            "--", "--program", "probe"])
     assert code == 1 and "not-found" in err and "'probe'" in err
 
 

@@ -122,7 +122,7 @@ class RecordingEngine:
         self.in_step = threading.Event()
         self.fail_next_step: Exception | None = None
 
-    def validate(self, req) -> None:
+    def validate(self, req, check_pages: bool = True) -> None:
         if -1 in req.tokens:
             raise EngineInputError("token -1 is outside the vocabulary")
 
@@ -286,24 +286,28 @@ def test_close_cancels_pending_commands_and_keeps_serving_others(fake):
     assert (2,) not in [t for batch in engine.batches for t in batch]
 
 
-def test_released_pages_are_reused_at_once_but_only_as_fresh_pages(fake):
-    """A page released while a step writes it may be handed out at once: the
-    engine clears a fresh page's valid bits before its next step or device
-    op, that is after the step in flight, so the new owner never sees the
-    old KV (engine_jax tests: fresh pages are cleared before every device op)."""
+def test_pages_released_mid_step_reach_a_new_owner_only_after_the_step(fake):
+    """A page released while a step may still write it (its holder closed
+    mid-step) goes back to the pool only once the step has ended: an
+    allocation that needs it waits for the step instead of taking it."""
     engine, core = fake
     qa = core.open_instance("a").create_queue(0)
     qb = core.open_instance("b").create_queue(0)
     all_pages = qa.allocate_pages(engine.pool.num_free)
-    engine.pool.take_fresh()  # forget the pages taken so far: the engine would clear those now
     engine.gate.clear()
     fwd(qa, 1, all_pages[:1])
     assert engine.in_step.wait(5)
     core.close_instance("a")  # its pages are released mid-step
-    got = qb.allocate_pages(1)
-    assert engine.in_step.is_set()  # the step is still held open
-    assert engine.pool.take_fresh() == [core._pages.physical("b", got[0])]
+    assert engine.pool.num_free == 0  # ... but not returned to the pool yet
+    got: list[int] = []
+    taker = threading.Thread(target=lambda: got.extend(qb.allocate_pages(1)))
+    taker.start()
+    time.sleep(0.2)
+    assert not got and engine.in_step.is_set()  # it waits for the step in flight
     engine.gate.set()
+    taker.join(5)
+    assert len(got) == 1
+    assert core._pages.physical("b", got[0]) in engine.pool.take_fresh()  # cleared before its next use
 
 
 def test_a_request_the_engine_rejects_at_step_time_fails_alone(fake):

@@ -310,20 +310,21 @@ def test_bad_input_is_rejected_synchronously_with_the_right_code(serving_core):
     assert codes(lambda: q.synchronize()) == "closed"
 
 
-def test_pool_and_quota_exhaustion_allocate_nothing(serving_core):
+def test_requests_past_the_pool_or_a_quota_allocate_nothing(serving_core):
+    """Out-of-memory (and nothing allocated) for what could never be served;
+    a pool that is only short now makes a request wait (tests/runtime/test_pressure.py)."""
     core = serving_core
     free = core.free_pages()
     a = core.open_instance("greedy-eater")
     qa = a.create_queue(0)
-    assert codes(lambda: qa.allocate_pages(free + 1)) == "out-of-memory"
+    assert codes(lambda: qa.allocate_pages(free + 1)) == "out-of-memory"  # more than the whole pool
     assert a.page_count() == 0 and core.free_pages() == free
     held = qa.allocate_pages(free - 2)
     b = core.open_instance("quota", page_quota=3)
     qb = b.create_queue(0)
-    assert codes(lambda: qb.allocate_pages(3)) == "out-of-memory"  # pool has 2 left
+    assert codes(lambda: qb.allocate_pages(4)) == "out-of-memory"  # past its quota
     assert b.page_count() == 0
     qb.allocate_pages(2)
-    assert codes(lambda: qb.allocate_pages(1)) == "out-of-memory"  # pool empty
     qa.free_pages(held)
     qa.synchronize().result(60)
     qb.allocate_pages(1)

@@ -138,12 +138,18 @@ def server(sample_model_dir: Path):
 
 def run_on(host: Any, component: Path, *args: str, timeout: float = 120) -> Any:
     """Runs one instance of `component` on `host`; returns its JSON result."""
+    return json.loads(run_instance(host, component, *args, timeout=timeout).value)
+
+
+def run_instance(host: Any, component: Path, *args: Any, timeout: float = 120) -> Any:
+    """Runs one instance of `component` on `host`; returns its outcome (which
+    says, e.g., how many KV pages the server charged it at most)."""
     from pie_runtime.component_cache import default_cache
     from pie_runtime.instance import Instance
     from pie_runtime.messaging import ClientChannel
 
-    inst = Instance(host, default_cache().load(component), arguments=list(args),
+    inst = Instance(host, default_cache().load(component), arguments=[str(a) for a in args],
                     client=ClientChannel(on_send=lambda text: None)).start()
     outcome = inst.wait(timeout)
     assert outcome.ok, outcome.error
-    return json.loads(outcome.value)
+    return outcome

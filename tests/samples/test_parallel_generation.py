@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pie_runtime.messaging import frame_line
 from tests.samples.conftest import build_and_precompile
 
 PROMPT = "Once upon a time, in a land far"
@@ -25,7 +26,10 @@ def parallel_generation(samples_pie_home: None) -> Path:
 
 
 def _stdout(run) -> str:
-    return "\n".join([*run.messages, run.result])
+    """The result: one line per fork, "[i] text", joined with line feeds (which
+    pie-run prints escaped, as `\\n`: one line per message or result)."""
+    assert not run.messages
+    return run.result
 
 
 def test_greedy_forks_equal_a_single_greedy_run_and_share_steps(parallel_generation, pie_run, oracle):
@@ -36,7 +40,7 @@ def test_greedy_forks_equal_a_single_greedy_run_and_share_steps(parallel_generat
     if ids and ids[-1] in eos:
         ids = ids[:-1]
     expected = oracle.tokenizer.decode(ids)
-    assert _stdout(run) == "\n".join(f"[{i}] {expected}" for i in range(N))
+    assert _stdout(run) == frame_line("\n".join(f"[{i}] {expected}" for i in range(N)))
     assert int(re.search(r"max (\d+)", run.stderr).group(1)) >= N, run.stderr
 
 
@@ -44,5 +48,5 @@ def test_seeded_forks_differ_from_each_other_and_repeat_across_runs(parallel_gen
     args = ("--prompt", PROMPT, "--n", N, "--max-tokens", MAX_TOKENS, "--temperature", 1.0, "--seed", 7)
     first, second = (_stdout(pie_run(parallel_generation, *args)) for _ in range(2))
     assert first == second
-    texts = re.split(r"^\[\d+\] ", first, flags=re.M)[1:]
+    texts = re.split(r"(?:^|\\n)\[\d+\] ", first)[1:]
     assert len(texts) == N and len(set(texts)) == N, first

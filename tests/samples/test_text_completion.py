@@ -15,6 +15,7 @@ import pytest
 
 from engine_jax.engine import Engine
 from engine_jax.generate import generate
+from pie_runtime.messaging import frame_line
 from tests.helpers.engine_models import load_test_model
 from tests.samples.conftest import build_and_precompile
 from tests.samples.oracle import PAGE_SIZE
@@ -60,7 +61,7 @@ def test_greedy_completion_equals_the_native_loop(text_completion, pie_run, nati
     """Whichever way the SDK hands its passes over (tests/runtime/test_host_cli.py
     covers stopping early in each)."""
     run = pie_run(text_completion, "--prompt", prompt, "--max-tokens", MAX_TOKENS, options=DECODE_MODES[mode])
-    assert run.result == native_completion(prompt)
+    assert run.result == frame_line(native_completion(prompt))
 
 
 def test_prompts_give_different_completions(text_completion, pie_run):
@@ -80,7 +81,7 @@ def test_32_concurrent_instances_match_single_runs_and_share_engine_steps(
         if match:
             results[int(match.group(1))] = match.group(2)
     assert len(results) == 32, run.stderr
-    expected = native_completion(prompt)
+    expected = frame_line(native_completion(prompt))
     assert all(value == expected for value in results.values()), results
     assert "32/32 instances ok" in run.stderr
     largest = int(re.search(r"max (\d+)", run.stderr).group(1))

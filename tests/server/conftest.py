@@ -134,7 +134,8 @@ def _auth(tokens: dict[str, str] | None) -> dict[str, str]:
 
 
 def pie_run_locally(model_dir: Path, component: Path, *args: str) -> str:
-    """What `pie-run` prints last (the result) for a local run of `component` (one device)."""
+    """What `pie-run` prints last (the result, framed as one line: see messaging.frame_line) for a
+    local run of `component` (one device)."""
     from pie_runtime.cli import main
 
     out, err = io.StringIO(), io.StringIO()

@@ -25,11 +25,13 @@ data_parallel = 2
 program = ["a=a.wasm", "b=b.py"]
 [limits]
 max-tenant-instances = 3
+namespace-pages = 100
 """)
     s = parse_settings(["--config", config, "--kv-pages", "100"])
     assert (s.port, s.kv_pages, s.page_size, s.max_tenant_instances) == (9001, 100, 8, 3)
     assert (s.tensor_parallel, s.data_parallel, s.num_processes) == (2, 2, 1)
     assert s.programs == ["a=a.wasm", "b=b.py"]
+    assert s.limit_namespace_pages == 100  # a tenant limit, read like its flag --namespace-pages
     assert s.host == "127.0.0.1" and s.tokens is None  # defaults where neither says
     assert s.warmup_batches == (1, 2, 4, 8, 16)
 

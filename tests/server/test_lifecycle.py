@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from pie_client import PieClient, PieClientError
+from pie_runtime.messaging import frame_line
 from tests.server.conftest import MAX_TOKENS, PROMPT, start_server
 
 DRAIN_SECONDS = 8
@@ -29,7 +30,7 @@ def test_tensor_parallel_answers_like_one_device_then_limits_and_drain(server_mo
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.tokens["alice"], max_retries=0,
                                timeout=300)
         reply = client.completions.create(model=server.model, prompt=PROMPT, temperature=0, max_tokens=MAX_TOKENS)
-        assert reply.choices[0].text == pie_run_plain
+        assert frame_line(reply.choices[0].text) == pie_run_plain
 
         async def go():
             async with PieClient(server.ws_url, token=server.tokens["alice"]) as a, \
