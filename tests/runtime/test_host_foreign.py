@@ -101,7 +101,8 @@ def test_pie_run_checks_arguments_against_it(with_toml, tiny_llama_dir):
 
 def test_declared_capabilities_are_granted_and_undeclared_ones_refused(with_toml, foreign_wasm, tiny_llama_dir,
                                                                       tmp_path):
-    code, out, err = pie_run([with_toml, "--model", tiny_llama_dir, *MODEL_OPTS, "-q", "--", "--spawn"])
+    code, out, err = pie_run([with_toml, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch", "-q",
+                              "--", "--spawn"])
     assert code == 0, err
     report = json.loads(out.splitlines()[-1])
     # The child's arguments went through the same manifest: canonical, defaults filled in.
@@ -110,9 +111,10 @@ def test_declared_capabilities_are_granted_and_undeclared_ones_refused(with_toml
     (tmp_path / "m.json").write_text(json.dumps({"name": "foreign-no-launch", "arguments": [
         {"name": "greeting", "type": "str"}, {"name": "spawn", "type": "bool"}]}))
     without = build(foreign_wasm, tmp_path / "without.wasm", manifest=tmp_path / "m.json")
-    code, out, err = pie_run([without, "--model", tiny_llama_dir, *MODEL_OPTS, "-q", "--", "--spawn"])
+    code, out, err = pie_run([without, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch", "-q",
+                              "--", "--spawn"])
     assert code == 0, err
-    assert json.loads(out.splitlines()[-1])["child_error"] == "unsupported"
+    assert json.loads(out.splitlines()[-1])["child_error"] == "unsupported"  # allowed, but not declared
 
 
 def test_bad_manifest_files_are_located_errors(foreign_wasm, tmp_path):
