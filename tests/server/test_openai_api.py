@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from pie_runtime.messaging import frame_line
-from tests.server.conftest import MAX_TOKENS, PROMPT, pie_run_locally
+from tests.server.conftest import MAX_TOKENS, PAGE_SIZE, PROMPT, pie_run_locally
 
 
 @pytest.fixture(scope="module")
