@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import jax
+
 from engine_jax.batch import ForwardRequest, Sample
 from engine_jax.engine import Engine, _step_jit
 from pie_runtime.server.warmup import warm_up, warmup_shapes
 
 
 def test_warmed_shapes_do_not_compile_again(tiny_llama_model):
+    # Start from empty executable caches: past the memory-map budget the engine clears them
+    # itself (engine_jax.map_budget), which would drop a warmed shape mid-test.
+    jax.clear_caches()
     engine = Engine(tiny_llama_model, page_size=4, num_pages=32)
     shapes = warmup_shapes(engine, [1, 2], [6])
     assert [s[0] for s in shapes].count("prefill") == 1 and len(shapes) == 1 + 2 * 4 * 2
