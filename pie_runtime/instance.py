@@ -34,7 +34,6 @@ which wasmtime cannot interrupt, holds nothing of the server's after it.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import itertools
 import logging
 import re
@@ -46,15 +45,18 @@ from typing import Any, Sequence
 
 import wasmtime
 from wasmtime import WasmtimeError
-from wasmtime import _bindings, _ffi as ffi
 from wasmtime.component import Component
 
 from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.context import InstanceContext, bind_context
+from pie_runtime.host.contract import RUN_INTERFACE
+from pie_runtime.host.linker import make_wasi
+from pie_runtime.host.registry import Host, Program
+from pie_runtime.host.wasmtime_compat import install_epoch_deadline
 from pie_runtime.limits import MIN_CHILD_MEMORY_BYTES
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
-                                   make_wasi)
 
 log = logging.getLogger("pie_runtime.instance")
 
@@ -71,13 +73,6 @@ CHILD_STOP_SECONDS = 30.0
 # blocked in a WASI call) gets its outcome anyway; everything it held was
 # released at once by `terminate`.
 TERMINATE_GRACE_SECONDS = 0.5
-
-
-# wasmtime-py binds the C function but does not wrap it; its ctypes signature
-# gives the callback types.
-_DEADLINE_CALLBACK = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
-_DEADLINE_FINALIZER = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
-_UPDATE_DEADLINE_CONTINUE = 0
 
 
 class EpochTicker:
@@ -417,11 +412,8 @@ class Instance:
 
     # ------------------------------------------------------------------ CPU limit / terminate
     def _install_deadline(self, store: wasmtime.Store) -> None:
-        callback = _DEADLINE_CALLBACK(self._on_deadline)
-        finalizer = _DEADLINE_FINALIZER(lambda _data: None)
-        # ctypes callbacks must outlive the store that may call them.
-        self._keepalive = (callback, finalizer)
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, finalizer)
+        # The callbacks must outlive the store that may call them.
+        self._keepalive = install_epoch_deadline(store, self._check_deadline)
         store.set_epoch_deadline(self._ticks_until_check())
 
     def _ticks_until_check(self) -> int:
@@ -431,26 +423,18 @@ class Instance:
         remaining = limit - (time.thread_time() - self._cpu_start)
         return max(1, min(MAX_TICKS_BETWEEN_CHECKS, int(remaining / TICK_SECONDS)))
 
-    def _on_deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
-        # Runs on the instance thread, inside wasm: must not raise.
-        try:
-            message = None
-            if self.context.stopped.done():
-                self._stop_status = "terminated"
-                message = f"instance stopped: {self.context.stopped.result()}"
-            elif self.limits.cpu_seconds is not None:
-                used = time.thread_time() - self._cpu_start
-                if used > self.limits.cpu_seconds:
-                    self._stop_status = "cpu-limit"
-                    message = f"CPU time limit exceeded: used {used:.2f}s of {self.limits.cpu_seconds:g}s"
-            if message is None:
-                delta[0] = self._ticks_until_check()
-                kind[0] = _UPDATE_DEADLINE_CONTINUE
-                return 0
-        except Exception as e:  # noqa: BLE001
-            message = f"deadline check failed: {e}"
-        err = ffi.wasmtime_error_new(message.encode("utf-8"))
-        return ctypes.cast(err, ctypes.c_void_p).value or 0
+    def _check_deadline(self) -> int | str:
+        """Runs on the instance thread, inside wasm, when the epoch deadline
+        passes: the ticks until the next check, or why the guest must stop."""
+        if self.context.stopped.done():
+            self._stop_status = "terminated"
+            return f"instance stopped: {self.context.stopped.result()}"
+        if self.limits.cpu_seconds is not None:
+            used = time.thread_time() - self._cpu_start
+            if used > self.limits.cpu_seconds:
+                self._stop_status = "cpu-limit"
+                return f"CPU time limit exceeded: used {used:.2f}s of {self.limits.cpu_seconds:g}s"
+        return self._ticks_until_check()
 
 
 def _resolve_child_result(result: cf.Future, outcome: InstanceOutcome) -> None:
