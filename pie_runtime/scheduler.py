@@ -42,9 +42,9 @@ from .commands import (
 )
 from .errors import PieError
 from .limits import PageBounds
+from .pages import PageManager
 from .policies import BatchPolicy, Pacing, Ready
 from .pressure import Activity, MemoryArbiter, PageRequest
-from .resources import PageManager
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from .commands import (
 )
 from .errors import PieError
 from .limits import TenantLimits
+from .pages import PageManager
 from .policies import BatchPolicy
-from .resources import PageManager
 from .scheduler import Scheduler, ServingStats
 
 # How long `import_pages` waits for an export whose command is still queued
