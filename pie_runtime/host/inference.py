@@ -1,7 +1,7 @@
 """The `inference` interface: a model's command queues (pages, slots, exports, forward passes) and forward futures.
 
 Every call validates at once and enqueues on the serving core's `Queue`
-(`pie_runtime.serving`); a forward returns a future resolving to its outputs.
+(`pie_runtime.queues`); a forward returns a future resolving to its outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class QueueHandle:
     """A `queue` resource: the serving core's queue, on the model it was created on."""
 
     served: ServedModel
-    queue: Any  # serving core Queue
+    queue: Any  # pie_runtime.queues.Queue
 
 
 def _queue(ctx, store, this) -> QueueHandle:
