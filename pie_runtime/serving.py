@@ -23,7 +23,8 @@ from .limits import TenantLimits
 from .pages import PageManager
 from .policies import BatchPolicy
 from .queues import Queue, check_u32
-from .scheduler import Scheduler, ServingStats
+from .scheduler import Scheduler
+from .stats import ServingStats
 
 
 class ServingCore:
