@@ -29,6 +29,7 @@ serving-core state, subscriptions and futures are released in `finally`.
 `terminate` also releases them itself, from the terminating thread, with
 the instance's children: a guest blocked in a WASI call (a `time.sleep`),
 which wasmtime cannot interrupt, holds nothing of the server's after it.
+How it ended is its `InstanceOutcome` (`pie_runtime.outcome`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import logging
-import re
 import threading
 import time
 import uuid
@@ -57,6 +57,7 @@ from pie_runtime.host.registry import Host, Program
 from pie_runtime.host.wasmtime_compat import install_epoch_deadline
 from pie_runtime.limits import MIN_CHILD_MEMORY_BYTES
 from pie_runtime.messaging import ClientChannel
+from pie_runtime.outcome import InstanceOutcome, trap_message
 
 log = logging.getLogger("pie_runtime.instance")
 
@@ -134,35 +135,6 @@ class LaunchTree:
         self.instances = 0
         self.memory_bytes = 0
         self.lock = threading.Lock()
-
-
-@dataclass
-class InstanceOutcome:
-    """How an instance ended.
-
-    status: "ok" (run returned ok), "error" (run returned err), "trap" (the
-    guest crashed or a host call trapped), "cpu-limit", "terminated",
-    "start-failed" (instantiation failed, e.g. memory limit below the
-    guest's initial memory).
-    """
-
-    instance_id: str
-    status: str
-    value: str | None = None
-    error: str | None = None
-    cpu_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    host_calls: int = 0
-    kv_pages_peak: int = 0  # the most KV pages the server charged it at once
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def describe(self) -> str:
-        if self.ok:
-            return f"instance {self.instance_id}: ok"
-        return f"instance {self.instance_id}: {self.status}: {self.error}"
 
 
 _counter = itertools.count(1)
@@ -328,7 +300,7 @@ class Instance:
                 status = "terminated"
             for sink in sinks:  # the guest's traceback, if it printed one, is in there
                 sink.flush()
-            error = _trap_message(e, self._stop_reason(), ctx.host_trap, list(ctx.stderr_tail))
+            error = trap_message(e, self._stop_reason(), ctx.host_trap, list(ctx.stderr_tail))
             outcome = InstanceOutcome(self.instance_id, status, error=error)
         except Exception as e:  # noqa: BLE001 - report, never kill the server
             outcome = InstanceOutcome(self.instance_id, "trap" if started else "start-failed",
@@ -453,42 +425,3 @@ def _run_function(instance: Any, store: wasmtime.Store) -> Any:
     if func is None:
         raise WasmtimeError(f"the component does not export {RUN_INTERFACE}#run")
     return func
-
-
-def _trap_message(error: WasmtimeError, stop_reason: str | None, host_trap: str | None,
-                  stderr_tail: Sequence[str]) -> str:
-    """The useful part of a trap: its cause without the wasm backtrace, and what the guest said."""
-    text = str(error).strip()
-    if "Caused by:" in text:
-        cause = text.split("Caused by:", 1)[1].strip()
-        lines = [ln.strip() for ln in cause.splitlines() if ln.strip()]
-        # "0: msg / 1: deeper msg" chains: keep them on one line.
-        text = "; ".join(ln.split(":", 1)[1].strip() if ln[:1].isdigit() and ":" in ln else ln for ln in lines)
-    else:
-        text = text.splitlines()[0] if text else "trap"
-    if "deferred host scope has no call context" in text:
-        # wasmtime 50 fails this way when a host function takes list<borrow<T>>.
-        text = ("wasmtime cannot pass a list of borrowed handles (list<borrow<pollable>>) to the host; "
-                "the contract's runtime.poll must take list<pollable>")
-    if host_trap and host_trap not in text:
-        text = f"{host_trap} ({text})"
-    guest_error = _guest_exception(stderr_tail)
-    if guest_error and guest_error not in text:
-        text = f"guest raised {guest_error} ({text})"
-    if stop_reason and stop_reason not in text:
-        text = f"{text} ({stop_reason})"
-    return text
-
-
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
-_OBJECT_TYPE_LINE = re.compile(r"^object type name: (\w+)")
-
-
-def _guest_exception(stderr_tail: Sequence[str]) -> str | None:
-    """The last exception a Python guest reported on stderr before trapping."""
-    for line in reversed(stderr_tail):
-        line = line.strip()
-        match = _EXCEPTION_LINE.match(line) or _OBJECT_TYPE_LINE.match(line)
-        if match:
-            return match.group(1)
-    return None
