@@ -89,7 +89,7 @@ class Runtime:
     loaded: Any  # engine_jax.loader.LoadedModel
     engine: Any  # engine_jax.engine.Engine
     core: Any  # pie_runtime.serving.ServingCore
-    host: Any  # pie_runtime.wasm_host.Host
+    host: Any  # pie_runtime.host.registry.Host
 
     def stop(self) -> None:
         self.core.stop()
@@ -116,7 +116,7 @@ def start_runtime(opts: argparse.Namespace, loaded: Any, engine: Any, *, guest_o
     """Starts the serving core on `engine` and binds a host to it, with `programs` registered,
     under `limits` (default: those given in `opts`)."""
     from pie_runtime.serving import ServingCore
-    from pie_runtime.wasm_host import Host, ServedModel
+    from pie_runtime.host.registry import Host, ServedModel
 
     limits = limits if limits is not None else tenant_limits(opts)
     core = ServingCore(engine, policy=opts.batching, limits=limits).start()

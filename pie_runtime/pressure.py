@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 from .errors import PieError
 from .limits import PageBounds
-from .resources import InstancePages, PageManager
+from .pages import InstancePages, PageManager
 
 
 @dataclass
