@@ -78,7 +78,7 @@ class Server:
 
     def __init__(self, engine: Any, policy: str = "adaptive") -> None:
         from pie_runtime.serving import ServingCore
-        from pie_runtime.wasm_host import Host, ServedModel
+        from pie_runtime.host.registry import Host, ServedModel
 
         self.engine = engine
         self.core = ServingCore(engine, policy=policy).start()

@@ -1,13 +1,13 @@
-"""Cost of one host call: wasmtime-py's own trampoline vs pie_runtime.host_calls.
+"""Cost of one host call: wasmtime-py's own trampoline vs pie_runtime's (`host/wasmtime_compat.py`).
 
 A probe guest (tests/runtime/guests/probe.py, mode `calls`) makes 3*N cheap
 host calls (tokenizer encode, model info, instance id) on a tiny random model.
 The baseline arm binds the host functions with wasmtime-py's `add_func` (its
 own conversions, new resources as `ResourceHost`); the second with
-`host_calls.add_func`, whose conversions are compiled once per type
-(`pie_runtime/wit_codecs.py`). The type cache patches wasmtime-py's classes
+`wasmtime_compat.add_func`, whose conversions are compiled once per type
+(`pie_runtime/host/wit_codecs.py`). The type cache patches wasmtime-py's classes
 for the whole process, so the baseline runs first (the arms cannot be
-interleaved). Prints us per call and `ratio: X` last
+interleaved). Prints the CPU model, us per call and `ratio: X` last
 (baseline / ours).
 
     PYTHONPATH=. .venv/bin/python benchmarks/host_calls.py [--calls N]
@@ -16,6 +16,7 @@ interleaved). Prints us per call and `ratio: X` last
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -24,12 +25,13 @@ from unittest import mock
 # The probe guest and the tiny model builder live in the test tree.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import cpu_model
 from engine_jax.engine import Engine
 from wasmtime.component import ResourceHost
 
-from pie_runtime import host_calls, wasm_host
+from pie_runtime.host import linker, wasmtime_compat
+from pie_runtime.host.registry import Host, ServedModel
 from pie_runtime.serving import ServingCore
-from pie_runtime.wasm_host import Host, ServedModel
 from tests.helpers.engine_models import load_test_model
 from tests.helpers.hf_models import build_model_dir
 from tests.runtime.guests.fixtures import component_cache, launch, load_guest
@@ -55,21 +57,25 @@ def main() -> None:
     core = ServingCore(engine).start()
     probe = load_guest(component_cache(), "probe")
     try:
-        plain = lambda inst, name, fn: inst.add_func(name, fn)  # noqa: E731
+        plain = lambda inst, name, fn, lifter, lowerer: inst.add_func(name, fn)  # noqa: E731
         def resource_host(ctx, kind, obj):  # what wasmtime-py's own conversion accepts
             return ResourceHost.own(ctx.table.insert(kind, obj), int(kind))
 
-        with mock.patch.object(host_calls, "add_func", plain), \
-                mock.patch.object(host_calls, "cache_compound_types", lambda: None), \
-                mock.patch.object(wasm_host, "_own", resource_host):
+        with contextlib.ExitStack() as patches:
+            patches.enter_context(mock.patch.object(wasmtime_compat, "add_func", plain))
+            patches.enter_context(mock.patch.object(wasmtime_compat, "cache_compound_types", lambda: None))
+            for module in linker.INTERFACES.values():  # each interface module makes its own new handles
+                if hasattr(module, "own"):
+                    patches.enter_context(mock.patch.object(module, "own", resource_host))
             baseline = us_per_call(Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None),
                                    probe, args.calls)
         ours = us_per_call(Host([ServedModel("tiny", engine, core)], guest_output=lambda *a: None),
                            probe, args.calls)
     finally:
         core.stop()
+    print(f"CPU: {cpu_model()}")
     print(f"wasmtime-py trampoline: {baseline:.1f} us/call")
-    print(f"pie_runtime.host_calls: {ours:.1f} us/call")
+    print(f"pie_runtime (wasmtime_compat.add_func): {ours:.1f} us/call")
     print(f"ratio: {baseline / ours:.2f}")
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pie_runtime.component_cache import ComponentCache  # noqa: E402
 from pie_runtime.instance import Instance  # noqa: E402
-from pie_runtime.wasm_host import Host  # noqa: E402
+from pie_runtime.host.registry import Host  # noqa: E402
 from tests.runtime.guests.build import build_guest  # noqa: E402
 
 

@@ -68,7 +68,7 @@ class InProcess:
     def __init__(self, model: str, page_size: int) -> None:
         from pie_runtime.server.app import COMPLETION_PROGRAM
         from pie_runtime.server.programs import load_program_file
-        from pie_runtime.wasm_host import Capabilities
+        from pie_runtime.host.capabilities import Capabilities
 
         self.server = Server(load_engine(model, page_size=page_size))
         self.component = load_program_file("openai-completion", COMPLETION_PROGRAM, Capabilities()).program.component

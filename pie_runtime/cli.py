@@ -164,7 +164,7 @@ def _resolve_program(path: Path, console: _Console, scratch: Path) -> Path:
 def _registered_programs(specs: Sequence[str], allow: Any, console: _Console,
                          scratch: Path) -> list[tuple[str, Path, Any | None, Any]]:
     """--program NAME=PATH values as (name, built component, manifest, grant)."""
-    from pie_runtime.wasm_host import Capabilities
+    from pie_runtime.host.capabilities import Capabilities
 
     programs, seen = [], set()
     for spec in specs:
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None, stdo
 def _main(args: argparse.Namespace, inferlet_argv: list[str], console: _Console, stdin: TextIO, stdout: TextIO,
           scratch: Path) -> int:
     from pie_runtime.limits import TenantLimits
-    from pie_runtime.wasm_host import Capabilities
+    from pie_runtime.host.capabilities import Capabilities
 
     try:
         limits = TenantLimits.from_args(args)
@@ -287,8 +287,8 @@ def _run(args: argparse.Namespace, limits: Any, wasm: Path, inferlet_args: list[
     from pie_runtime.errors import PieError
     from pie_runtime.instance import Instance
     from pie_runtime.messaging import ClientChannel
+    from pie_runtime.host.registry import Program
     from pie_runtime.options import EXIT_PROCESS_LOST, exit_now, instance_limits, load_engine, start_runtime
-    from pie_runtime.wasm_host import Program
 
     cache = default_cache()
     component = cache.load(wasm)

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 import wasmtime
 
 from pie_runtime.errors import PieError
-from pie_runtime.wasm_host import WIT_PACKAGE, WIT_VERSION, provided_interfaces
+from pie_runtime.host.contract import WIT_PACKAGE, WIT_VERSION
+from pie_runtime.host.linker import provided_interfaces
 
 # The WASI 0.2 packages of wasmtime's CLI linker (`add_wasip2`).
 WASI_PACKAGES = ("wasi:cli", "wasi:clocks", "wasi:filesystem", "wasi:io", "wasi:random", "wasi:sockets")

@@ -1,6 +1,6 @@
 """Named, shareable sets of KV pages: `export-pages`, `import-pages` and the persistent-export cache.
 
-`ExportCatalog` is the export half of `resources.PageManager` (which mixes
+`ExportCatalog` is the export half of `pages.PageManager` (which mixes
 it in and owns the state it uses: the instances' page tables, refcounts and
 namespace bounds). An export is visible only inside its namespace. A
 persistent export outlives its exporter and is a cache charged to its
@@ -20,7 +20,7 @@ from .errors import PieError
 
 if TYPE_CHECKING:
     from .limits import PageBounds
-    from .resources import InstancePages
+    from .pages import InstancePages
 
 
 @dataclass

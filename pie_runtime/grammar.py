@@ -1,4 +1,4 @@
-"""The `grammar` interface: token-level grammar matchers for constrained decoding.
+"""Token-level grammar matchers for constrained decoding (what the WIT `grammar` interface serves).
 
 A `GrammarMatcher` follows a JSON schema, a regular expression or an
 EBNF/Lark grammar over one model's vocabulary with llguidance (its Earley
@@ -10,9 +10,7 @@ The llguidance tokenizer (the model's Hugging Face tokenizer plus its token
 trie) is built once per model tokenizer and shared by every matcher on it;
 matchers are per instance and hold only parser state.
 
-`host_bindings` turns this into the `grammar` entry of the host's binding
-table; it takes the host's resource helpers as arguments so that this
-module does not import `wasm_host` (which imports it).
+The host binds it to the WIT `grammar` interface in `pie_runtime.host.grammar`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import llguidance
 import numpy as np
@@ -167,52 +165,3 @@ class GrammarMatcher:
     def reset(self) -> None:
         self._matcher.reset()
         self._accepted = 0
-
-
-# --------------------------------------------------------------------------- host bindings
-
-
-def host_bindings(
-    own: Callable[[Any, Any, Any], Any],
-    borrowed: Callable[[Any, Any, Any, Any], Any],
-    model_kind: Any,
-    matcher_kind: Any,
-) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Callable[..., Any], bool], ...]]:
-    """The `grammar` interface's (resources, functions) for the host's binding table.
-
-    `own(ctx, kind, obj)` makes a new owned handle; `borrowed(ctx, store,
-    handle, kind)` looks one up (the model handle's `.served` is the model).
-    """
-
-    def static(make: Callable[[Any, str], GrammarMatcher]) -> Callable[..., Any]:
-        def fn(ctx, store, model, text):
-            served = borrowed(ctx, store, model, model_kind).served
-            return own(ctx, matcher_kind, make(served, text))
-        return fn
-
-    def matcher(ctx, store, this) -> GrammarMatcher:
-        return borrowed(ctx, store, this, matcher_kind)
-
-    def accept(ctx, store, this, tokens):
-        matcher(ctx, store, this).accept(tokens)
-
-    def rollback(ctx, store, this, count):
-        matcher(ctx, store, this).rollback(count)
-
-    def reset(ctx, store, this):
-        matcher(ctx, store, this).reset()
-
-    return (
-        (("matcher", matcher_kind),),
-        (
-            ("[static]matcher.from-json-schema", static(GrammarMatcher.json_schema), True),
-            ("[static]matcher.from-regex", static(GrammarMatcher.regex), True),
-            ("[static]matcher.from-ebnf", static(GrammarMatcher.ebnf), True),
-            ("[method]matcher.accept", accept, True),
-            ("[method]matcher.allowed-tokens", lambda ctx, store, this: matcher(ctx, store, this).allowed_tokens(), False),
-            ("[method]matcher.is-accepting", lambda ctx, store, this: matcher(ctx, store, this).is_accepting(), False),
-            ("[method]matcher.is-done", lambda ctx, store, this: matcher(ctx, store, this).is_done(), False),
-            ("[method]matcher.rollback", rollback, True),
-            ("[method]matcher.reset", reset, False),
-        ),
-    )

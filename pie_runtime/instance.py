@@ -29,15 +29,14 @@ serving-core state, subscriptions and futures are released in `finally`.
 `terminate` also releases them itself, from the terminating thread, with
 the instance's children: a guest blocked in a WASI call (a `time.sleep`),
 which wasmtime cannot interrupt, holds nothing of the server's after it.
+How it ended is its `InstanceOutcome` (`pie_runtime.outcome`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import itertools
 import logging
-import re
 import threading
 import time
 import uuid
@@ -46,15 +45,19 @@ from typing import Any, Sequence
 
 import wasmtime
 from wasmtime import WasmtimeError
-from wasmtime import _bindings, _ffi as ffi
 from wasmtime.component import Component
 
 from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.context import InstanceContext, bind_context
+from pie_runtime.host.contract import RUN_INTERFACE
+from pie_runtime.host.linker import make_wasi
+from pie_runtime.host.registry import Host, Program
+from pie_runtime.host.wasmtime_compat import install_epoch_deadline
 from pie_runtime.limits import MIN_CHILD_MEMORY_BYTES
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import (RUN_INTERFACE, Capabilities, Host, InstanceContext, Program, bind_context,
-                                   make_wasi)
+from pie_runtime.outcome import InstanceOutcome, trap_message
 
 log = logging.getLogger("pie_runtime.instance")
 
@@ -71,13 +74,6 @@ CHILD_STOP_SECONDS = 30.0
 # blocked in a WASI call) gets its outcome anyway; everything it held was
 # released at once by `terminate`.
 TERMINATE_GRACE_SECONDS = 0.5
-
-
-# wasmtime-py binds the C function but does not wrap it; its ctypes signature
-# gives the callback types.
-_DEADLINE_CALLBACK = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
-_DEADLINE_FINALIZER = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[3]
-_UPDATE_DEADLINE_CONTINUE = 0
 
 
 class EpochTicker:
@@ -139,35 +135,6 @@ class LaunchTree:
         self.instances = 0
         self.memory_bytes = 0
         self.lock = threading.Lock()
-
-
-@dataclass
-class InstanceOutcome:
-    """How an instance ended.
-
-    status: "ok" (run returned ok), "error" (run returned err), "trap" (the
-    guest crashed or a host call trapped), "cpu-limit", "terminated",
-    "start-failed" (instantiation failed, e.g. memory limit below the
-    guest's initial memory).
-    """
-
-    instance_id: str
-    status: str
-    value: str | None = None
-    error: str | None = None
-    cpu_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    host_calls: int = 0
-    kv_pages_peak: int = 0  # the most KV pages the server charged it at once
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def describe(self) -> str:
-        if self.ok:
-            return f"instance {self.instance_id}: ok"
-        return f"instance {self.instance_id}: {self.status}: {self.error}"
 
 
 _counter = itertools.count(1)
@@ -333,7 +300,7 @@ class Instance:
                 status = "terminated"
             for sink in sinks:  # the guest's traceback, if it printed one, is in there
                 sink.flush()
-            error = _trap_message(e, self._stop_reason(), ctx.host_trap, list(ctx.stderr_tail))
+            error = trap_message(e, self._stop_reason(), ctx.host_trap, list(ctx.stderr_tail))
             outcome = InstanceOutcome(self.instance_id, status, error=error)
         except Exception as e:  # noqa: BLE001 - report, never kill the server
             outcome = InstanceOutcome(self.instance_id, "trap" if started else "start-failed",
@@ -417,11 +384,8 @@ class Instance:
 
     # ------------------------------------------------------------------ CPU limit / terminate
     def _install_deadline(self, store: wasmtime.Store) -> None:
-        callback = _DEADLINE_CALLBACK(self._on_deadline)
-        finalizer = _DEADLINE_FINALIZER(lambda _data: None)
-        # ctypes callbacks must outlive the store that may call them.
-        self._keepalive = (callback, finalizer)
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, finalizer)
+        # The callbacks must outlive the store that may call them.
+        self._keepalive = install_epoch_deadline(store, self._check_deadline)
         store.set_epoch_deadline(self._ticks_until_check())
 
     def _ticks_until_check(self) -> int:
@@ -431,26 +395,18 @@ class Instance:
         remaining = limit - (time.thread_time() - self._cpu_start)
         return max(1, min(MAX_TICKS_BETWEEN_CHECKS, int(remaining / TICK_SECONDS)))
 
-    def _on_deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
-        # Runs on the instance thread, inside wasm: must not raise.
-        try:
-            message = None
-            if self.context.stopped.done():
-                self._stop_status = "terminated"
-                message = f"instance stopped: {self.context.stopped.result()}"
-            elif self.limits.cpu_seconds is not None:
-                used = time.thread_time() - self._cpu_start
-                if used > self.limits.cpu_seconds:
-                    self._stop_status = "cpu-limit"
-                    message = f"CPU time limit exceeded: used {used:.2f}s of {self.limits.cpu_seconds:g}s"
-            if message is None:
-                delta[0] = self._ticks_until_check()
-                kind[0] = _UPDATE_DEADLINE_CONTINUE
-                return 0
-        except Exception as e:  # noqa: BLE001
-            message = f"deadline check failed: {e}"
-        err = ffi.wasmtime_error_new(message.encode("utf-8"))
-        return ctypes.cast(err, ctypes.c_void_p).value or 0
+    def _check_deadline(self) -> int | str:
+        """Runs on the instance thread, inside wasm, when the epoch deadline
+        passes: the ticks until the next check, or why the guest must stop."""
+        if self.context.stopped.done():
+            self._stop_status = "terminated"
+            return f"instance stopped: {self.context.stopped.result()}"
+        if self.limits.cpu_seconds is not None:
+            used = time.thread_time() - self._cpu_start
+            if used > self.limits.cpu_seconds:
+                self._stop_status = "cpu-limit"
+                return f"CPU time limit exceeded: used {used:.2f}s of {self.limits.cpu_seconds:g}s"
+        return self._ticks_until_check()
 
 
 def _resolve_child_result(result: cf.Future, outcome: InstanceOutcome) -> None:
@@ -469,42 +425,3 @@ def _run_function(instance: Any, store: wasmtime.Store) -> Any:
     if func is None:
         raise WasmtimeError(f"the component does not export {RUN_INTERFACE}#run")
     return func
-
-
-def _trap_message(error: WasmtimeError, stop_reason: str | None, host_trap: str | None,
-                  stderr_tail: Sequence[str]) -> str:
-    """The useful part of a trap: its cause without the wasm backtrace, and what the guest said."""
-    text = str(error).strip()
-    if "Caused by:" in text:
-        cause = text.split("Caused by:", 1)[1].strip()
-        lines = [ln.strip() for ln in cause.splitlines() if ln.strip()]
-        # "0: msg / 1: deeper msg" chains: keep them on one line.
-        text = "; ".join(ln.split(":", 1)[1].strip() if ln[:1].isdigit() and ":" in ln else ln for ln in lines)
-    else:
-        text = text.splitlines()[0] if text else "trap"
-    if "deferred host scope has no call context" in text:
-        # wasmtime 50 fails this way when a host function takes list<borrow<T>>.
-        text = ("wasmtime cannot pass a list of borrowed handles (list<borrow<pollable>>) to the host; "
-                "the contract's runtime.poll must take list<pollable>")
-    if host_trap and host_trap not in text:
-        text = f"{host_trap} ({text})"
-    guest_error = _guest_exception(stderr_tail)
-    if guest_error and guest_error not in text:
-        text = f"guest raised {guest_error} ({text})"
-    if stop_reason and stop_reason not in text:
-        text = f"{text} ({stop_reason})"
-    return text
-
-
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
-_OBJECT_TYPE_LINE = re.compile(r"^object type name: (\w+)")
-
-
-def _guest_exception(stderr_tail: Sequence[str]) -> str | None:
-    """The last exception a Python guest reported on stderr before trapping."""
-    for line in reversed(stderr_tail):
-        line = line.strip()
-        match = _EXCEPTION_LINE.match(line) or _OBJECT_TYPE_LINE.match(line)
-        if match:
-            return match.group(1)
-    return None

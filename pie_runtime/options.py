@@ -92,7 +92,7 @@ class Runtime:
 
     built: Any  # engine_jax.options.BuiltEngine: the model and its engine (and this process's part)
     core: Any  # pie_runtime.serving.ServingCore
-    host: Any  # pie_runtime.wasm_host.Host
+    host: Any  # pie_runtime.host.registry.Host
 
     @property
     def loaded(self) -> Any:  # engine_jax.loader.LoadedModel
@@ -123,7 +123,7 @@ def start_runtime(opts: argparse.Namespace, built: Any, *, guest_output: Any, pr
     """Starts the serving core on the built engine and binds a host to it, with `programs`
     registered, under `limits` (default: those given in `opts`)."""
     from pie_runtime.serving import ServingCore
-    from pie_runtime.wasm_host import Host, ServedModel
+    from pie_runtime.host.registry import Host, ServedModel
 
     limits = limits if limits is not None else tenant_limits(opts)
     core = ServingCore(built.engine, policy=opts.batching, limits=limits).start()

@@ -56,7 +56,7 @@ from engine_jax.batch import EngineInputError
 
 from .errors import PieError
 from .limits import PageBounds
-from .resources import InstancePages, PageManager
+from .pages import InstancePages, PageManager
 
 
 @dataclass

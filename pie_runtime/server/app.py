@@ -62,7 +62,7 @@ class ServerState:
         from pie_runtime.server.programs import ProgramStore, load_program_file
         from pie_runtime.server.sessions import InstanceRegistry
         from pie_runtime.server.warmup import warm_up
-        from pie_runtime.wasm_host import Capabilities
+        from pie_runtime.host.capabilities import Capabilities
 
         s = self.settings
         allow = Capabilities.parse(s.allow)

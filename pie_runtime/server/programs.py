@@ -22,7 +22,8 @@ from typing import Any
 from pie_client.protocol import ProtocolError
 from pie_runtime.component_imports import check_imports
 from pie_runtime.errors import PieError
-from pie_runtime.wasm_host import Capabilities, Program
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.registry import Program
 
 log = logging.getLogger("pie_runtime.server")
 

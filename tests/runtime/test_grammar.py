@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from pie_runtime.errors import PieError
 from pie_runtime.grammar import JSON_DEFAULTS, GrammarMatcher, brle_of
-from pie_runtime.wasm_host import decode_brle, encode_brle
+from pie_runtime.host.conversions import decode_brle, encode_brle
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
           "additionalProperties": False}

@@ -15,17 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pie_runtime.errors import PieError
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.conversions import decode_brle, encode_brle
+from pie_runtime.host.linker import bound_function_names
+from pie_runtime.host.registry import Host, ServedModel
 from pie_runtime.instance import InstanceLimits
 from pie_runtime.kvstore import KVStore
 from pie_runtime.messaging import Broker, ClientChannel
-from pie_runtime.wasm_host import (
-    Capabilities,
-    Host,
-    ServedModel,
-    bound_function_names,
-    decode_brle,
-    encode_brle,
-)
 from tests.runtime.guests.fixtures import (
     NUM_PAGES,
     PAGE_SIZE,

@@ -14,10 +14,11 @@ import pytest
 
 from inferlet_toolchain.inferlet.args import ArgSpec
 from inferlet_toolchain.manifest import Manifest
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.registry import Host, Program, ServedModel
 from pie_runtime.instance import InstanceLimits
 from pie_runtime.limits import TenantLimits
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host, Program, ServedModel
 from tests.runtime.guests.fixtures import NUM_PAGES, engine_greedy, launch
 
 LAUNCH = Capabilities(launch=True)

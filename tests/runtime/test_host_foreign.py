@@ -101,6 +101,7 @@ def test_pie_run_checks_arguments_against_it(with_toml, tiny_llama_dir):
 
 def test_declared_capabilities_are_granted_and_undeclared_ones_refused(with_toml, foreign_wasm, tiny_llama_dir,
                                                                       tmp_path):
+    # Declared and allowed: granted.
     code, out, err = pie_run([with_toml, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch", "-q",
                               "--", "--spawn"])
     assert code == 0, err
@@ -111,10 +112,11 @@ def test_declared_capabilities_are_granted_and_undeclared_ones_refused(with_toml
     (tmp_path / "m.json").write_text(json.dumps({"name": "foreign-no-launch", "arguments": [
         {"name": "greeting", "type": "str"}, {"name": "spawn", "type": "bool"}]}))
     without = build(foreign_wasm, tmp_path / "without.wasm", manifest=tmp_path / "m.json")
+    # Allowed but not declared: refused.
     code, out, err = pie_run([without, "--model", tiny_llama_dir, *MODEL_OPTS, "--allow", "launch", "-q",
                               "--", "--spawn"])
     assert code == 0, err
-    assert json.loads(out.splitlines()[-1])["child_error"] == "unsupported"  # allowed, but not declared
+    assert json.loads(out.splitlines()[-1])["child_error"] == "unsupported"
 
 
 def test_bad_manifest_files_are_located_errors(foreign_wasm, tmp_path):
@@ -150,7 +152,7 @@ def test_an_import_the_host_lacks_is_named_with_what_the_host_offers(tmp_path, t
     assert "pie:inferlet/telemetry@0.2.0: no such interface in pie:inferlet@0.2.0" in err
     assert "the host provides pie:inferlet@0.2.0 (types, runtime" in err and "no wasi:http" in err
 
-    from pie_runtime.wasm_host import Host
+    from pie_runtime.host.registry import Host
     from tests.runtime.guests.fixtures import run
 
     outcome = run(Host([], guest_output=lambda *a: None), ComponentCache(PRECOMPILED).load(wasm))

@@ -8,7 +8,7 @@ import time
 import wasmtime
 
 from pie_runtime.component_cache import ComponentCache, cache_key
-from pie_runtime.wasm_host import Host
+from pie_runtime.host.registry import Host
 from tests.runtime.guests.build import build_guest
 from tests.runtime.guests.fixtures import PRECOMPILED, launch
 

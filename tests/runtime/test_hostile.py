@@ -17,10 +17,11 @@ import time
 import pytest
 
 from pie_runtime.errors import PieError
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.registry import Host, ServedModel
 from pie_runtime.instance import InstanceLimits
 from pie_runtime.limits import TenantLimits
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host, ServedModel
 from tests.runtime.guests.fixtures import NUM_PAGES, component_cache, engine_greedy, launch, load_guest
 
 LAUNCH = Capabilities(launch=True)

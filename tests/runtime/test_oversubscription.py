@@ -15,8 +15,8 @@ import json
 
 import pytest
 
+from pie_runtime.host.registry import Host, ServedModel
 from pie_runtime.serving import ServingCore
-from pie_runtime.wasm_host import Host, ServedModel
 from tests.runtime.guests.fixtures import launch
 
 PAGE_SIZE = 4

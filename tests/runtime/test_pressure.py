@@ -1,5 +1,5 @@
 """Fair share and memory pressure in the serving core (pie_runtime.pressure, quotas in
-pie_runtime.resources) on the real engine: allocations wait instead of failing,
+pie_runtime.pages) on the real engine: allocations wait instead of failing,
 victims are preempted to host memory and restored bit for bit, quotas and the
 persistent-export cache are enforced, and nothing leaks."""
 

@@ -1,4 +1,4 @@
-"""The compiled converters (pie_runtime/wit_codecs.py) agree with wasmtime-py's own.
+"""The compiled converters (pie_runtime/host/wit_codecs.py) agree with wasmtime-py's own.
 
 Every parameter and result type of every `pie:inferlet` function, taken from
 a real component, gets random values (hypothesis): what our lowerer writes,
@@ -15,11 +15,10 @@ import math
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wasmtime import _ffi as ffi
-from wasmtime.component import _types as t
-
-from pie_runtime import wit_codecs
 from pie_runtime.component_cache import shared_engine
+from pie_runtime.host import wit_codecs
+from pie_runtime.host.wasmtime_compat import component_types as t
+from pie_runtime.host.wasmtime_compat import ffi
 
 _INT_RANGES = {
     t.S8: (-(1 << 7), (1 << 7) - 1), t.U8: (0, (1 << 8) - 1),

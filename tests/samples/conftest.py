@@ -125,7 +125,7 @@ def server(sample_model_dir: Path):
     from engine_jax.engine import Engine
     from engine_jax.loader import load_model
     from pie_runtime.serving import ServingCore
-    from pie_runtime.wasm_host import Host, ServedModel
+    from pie_runtime.host.registry import Host, ServedModel
 
     loaded = load_model(str(sample_model_dir))
     engine = Engine(loaded, page_size=PAGE_SIZE, num_pages=128)

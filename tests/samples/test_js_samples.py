@@ -48,7 +48,8 @@ def test_parallel_generation_js_equals_the_python_sample(components, pie_run, te
     args = ("--prompt", PROMPTS[1], "--n", 3, "--max-tokens", 10, "--temperature", temperature, "--seed", seed)
     js = pie_run(components["parallel_generation.js"], *args)
     assert _stdout(js) == _stdout(pie_run(components["parallel_generation.py"], *args))
-    assert _stdout(js).count("\\n[") == 2  # three continuations; pie-run frames the result's line breaks
+    # One framed line (pie-run escapes the forks' line breaks as `\\n`) with the three forks in order.
+    assert re.findall(r"(?:^|\\n)\[(\d+)\] ", _stdout(js)) == ["0", "1", "2"], _stdout(js)
     assert int(re.search(r"max (\d+)", js.stderr).group(1)) >= 3, js.stderr
 
 

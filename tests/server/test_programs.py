@@ -7,8 +7,8 @@ import hashlib
 import pytest
 
 from pie_client.protocol import ProtocolError
+from pie_runtime.host.capabilities import Capabilities
 from pie_runtime.server.programs import ProgramStore
-from pie_runtime.wasm_host import Capabilities
 
 
 def upload(store, tenant, data):

@@ -66,7 +66,7 @@ def test_the_sdk_in_a_guest_matches_the_contract(tmp_path):
     table and is a function in componentize-js's bindings; a refused call is an
     InferletError with the contract's code; seeds match the Python SDK's."""
     from pie_runtime.component_cache import ComponentCache
-    from pie_runtime.wasm_host import Host
+    from pie_runtime.host.registry import Host
     from tests.runtime.guests.fixtures import run
 
     wasm = build(HERE / "js" / "contract_check.js", tmp_path / "check.wasm", quiet=True)

@@ -106,7 +106,8 @@ def test_the_js_sdk_imports_the_contract_at_its_version() -> None:
 
 
 def test_the_host_implements_the_contract_version_and_binds_every_function() -> None:
-    from pie_runtime.wasm_host import RUN_INTERFACE, WIT_PACKAGE, WIT_VERSION, bound_function_names
+    from pie_runtime.host.contract import RUN_INTERFACE, WIT_PACKAGE, WIT_VERSION
+    from pie_runtime.host.linker import bound_function_names
 
     assert WIT_VERSION == package_version()
     assert RUN_INTERFACE == f"pie:inferlet/run@{WIT_VERSION}"

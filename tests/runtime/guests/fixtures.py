@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pie_runtime.component_cache import ComponentCache
-from pie_runtime.instance import Instance, InstanceLimits, InstanceOutcome
+from pie_runtime.host.capabilities import Capabilities
+from pie_runtime.host.registry import Host
+from pie_runtime.instance import Instance, InstanceLimits
 from pie_runtime.messaging import ClientChannel
-from pie_runtime.wasm_host import Capabilities, Host
+from pie_runtime.outcome import InstanceOutcome
 from tests.runtime.guests.build import build_guest
 
 # A PIE_HOME for tests, kept across sessions: precompiled components and

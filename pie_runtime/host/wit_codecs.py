@@ -19,9 +19,9 @@ The values produced and accepted are wasmtime-py's (`Record` objects,
 A lifter takes the address of a `wasmtime_component_val_t`; a lowerer
 writes into one (a ctypes view of the destination).
 
-The C functions called here keep the GIL (see `_HoldingGIL`). Leans on
-wasmtime-py's ctypes layer (pinned in pyproject); tests/runtime compare
-every converter with wasmtime-py's on random values.
+The C functions called here keep the GIL (`wasmtime_compat.c_api`). Leans
+on wasmtime-py's ctypes layer, reached only through `wasmtime_compat`;
+tests/runtime compare every converter with wasmtime-py's own on random values.
 """
 
 from __future__ import annotations
@@ -30,39 +30,16 @@ import ctypes
 from typing import Any, Callable
 
 import numpy as np
-from wasmtime import WasmtimeError, _bindings
-from wasmtime import _ffi as ffi
-from wasmtime.component import _types as t
+from wasmtime import WasmtimeError
+
+from pie_runtime.host.wasmtime_compat import c_api as _c
+from pie_runtime.host.wasmtime_compat import component_types as t
+from pie_runtime.host.wasmtime_compat import ffi
 
 Val = ffi.wasmtime_component_val_t
 Lift = Callable[[int], Any]  # address of a Val -> Python value (frees what the value owned)
 Lower = Callable[[Any, Any, Any], None]  # (store, Python value, Val view) -> None
 
-
-class _HoldingGIL:
-    """The C functions the converters call (allocate/free small values,
-    resource handles), bound so that they keep the GIL. wasmtime-py binds
-    everything through `ctypes.CDLL`, which releases the GIL around each
-    call: with 16 instance threads converting at once, each of these
-    microsecond calls was a chance to lose the GIL and wait ~0.5 ms for it."""
-
-    def __init__(self) -> None:
-        library = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
-        for name in ("wasmtime_component_vallist_delete", "wasmtime_component_valrecord_delete",
-                     "wasmtime_component_valtuple_delete", "wasmtime_component_val_delete",
-                     "wasmtime_component_val_new", "wasmtime_component_vallist_new_uninit",
-                     "wasmtime_component_valtuple_new_uninit",
-                     "wasmtime_component_valrecord_new_uninit", "wasm_byte_vec_delete", "wasm_byte_vec_new",
-                     "wasmtime_component_resource_any_delete", "wasmtime_component_resource_any_to_host",
-                     "wasmtime_component_resource_host_new", "wasmtime_component_resource_host_rep",
-                     "wasmtime_component_resource_host_delete", "wasmtime_component_resource_host_to_any"):
-            original = getattr(_bindings, "_" + name)
-            function = getattr(library, name)
-            function.argtypes, function.restype = original.argtypes, original.restype
-            setattr(self, name, function)
-
-
-_c = _HoldingGIL()
 _BYTES = ctypes.POINTER(ffi.wasm_byte_t)
 _ANY = ctypes.POINTER(ffi.wasmtime_component_resource_any_t)
 _HOST = ctypes.POINTER(ffi.wasmtime_component_resource_host_t)

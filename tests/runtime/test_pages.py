@@ -1,4 +1,4 @@
-"""Page tables, refcounts, exports and copy-on-write decisions (pie_runtime.resources),
+"""Page tables, refcounts, exports and copy-on-write decisions (pie_runtime.pages),
 against the engine's real host-side page pool."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from engine_jax.kv_cache import OutOfPages, PagePool
 from pie_runtime.errors import ERROR_CODES, PieError
-from pie_runtime.resources import PageManager
+from pie_runtime.pages import PageManager
 
 PAGE_SIZE = 4
 
