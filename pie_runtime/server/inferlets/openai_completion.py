@@ -46,7 +46,11 @@ def emit(kind, **fields):
 
 
 class TextStream:
-    """Sends a choice's text as it grows, never past a possible stop string or half a character."""
+    """Sends a choice's text as it grows, never past a possible stop string or half a character.
+
+    Tokens come in bursts (a decode run hands over several at once): the text
+    is decoded and sent once per burst, when the event loop next runs, not
+    once per token."""
 
     def __init__(self, index, tokenizer, stop_strings, eos_tokens):
         self.index = index
@@ -55,11 +59,21 @@ class TextStream:
         self.eos_tokens = eos_tokens
         self.tokens = []
         self.sent = 0
+        self.scheduled = False
+        self.closed = False
 
     def on_token(self, token):
         if token in self.eos_tokens:
             return
         self.tokens.append(token)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.send_safe_text)
+
+    def send_safe_text(self):
+        self.scheduled = False
+        if self.closed:
+            return
         text = self.tokenizer.decode(self.tokens)
         safe = len(text.rstrip("\ufffd"))
         for stop in self.stop_strings:
@@ -77,6 +91,11 @@ class TextStream:
         if len(text) > self.sent:
             emit("d", i=self.index, x=text[self.sent:])
             self.sent = len(text)
+
+    def close(self, final_text):
+        """Sends the rest of the final text; nothing more after it."""
+        self.flush(final_text)
+        self.closed = True
 
 
 def prompt_tokens(model, request):
@@ -149,7 +168,7 @@ async def generate_choice(ctx, index, request, max_tokens):
     grammar = Grammar.json_schema(request["json_schema"]) if request["json_schema"] is not None else None
     text = await ctx.generate_async(sampler_for(request, index), Stop(max_tokens=max_tokens, strings=request["stop"]),
                                     on_token=stream.on_token, grammar=grammar)
-    stream.flush(text)
+    stream.close(text)
     reason = "length" if ctx.stop_reason == "max-tokens" else "stop"
     emit("f", i=index, r=reason)
     generated = len(ctx.generated)
