@@ -35,6 +35,13 @@ class Sample:
     min_p: float = 0.0  # 0 = off
     seed: int | None = None  # None = the engine's own random stream
     allowed: np.ndarray | None = None  # bool[vocab_size]; None = every token
+    # None = the token only; n = also its log-probability and the n most likely tokens'
+    # (a SampledToken): the model's own distribution (temperature 1, before filters and `allowed`).
+    logprobs: int | None = None
+
+
+# At most this many alternatives per sampled token (OpenAI's API caps top_logprobs at 20 too).
+MAX_SAMPLE_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,24 @@ class Logprobs:
 
 OutputRequest = Union[Sample, Distribution, Logprobs]
 
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A drawn token with log-probabilities (a `Sample` with ``logprobs`` set)."""
+
+    token: int
+    logprob: float  # of `token`
+    top_tokens: list[int]  # the most likely tokens, most likely first
+    top_logprobs: list[float]
+
+    def __int__(self) -> int:
+        return self.token
+
 # Results, one per output request and in the same order:
-#   Sample       -> int (token id)
+#   Sample       -> int (token id), or a SampledToken when its ``logprobs`` is set
 #   Distribution -> (list[int] ids, list[float] probs), most likely first
 #   Logprobs     -> list[float], one per requested token id
-OutputResult = Union[int, tuple[list[int], list[float]], list[float]]
+OutputResult = Union[int, SampledToken, tuple[list[int], list[float]], list[float]]
 
 
 @dataclass

@@ -28,9 +28,11 @@ from engine_jax.batch import (
     Distribution,
     EngineInputError,
     ForwardRequest,
+    MAX_SAMPLE_LOGPROBS,
     Logprobs,
     OutputResult,
     Sample,
+    SampledToken,
 )
 from engine_jax.config import ModelConfig
 from engine_jax.families import family_of
@@ -49,7 +51,7 @@ from engine_jax.map_budget import MapBudget
 from engine_jax.model import Params, TokenBatch
 from engine_jax.paged_attention import AttentionFn, resolve_attention
 from engine_jax.paged_attention.reference import use_by_request
-from engine_jax.sampling import row_keys, sample_tokens, token_logprobs, top_k_distribution
+from engine_jax.sampling import row_keys, sample_tokens, sampled_logprobs, token_logprobs, top_k_distribution
 from engine_jax.sharding import MODEL_AXES, TensorParallel
 
 _CPU_KV_BUDGET = 512 * 1024 * 1024
@@ -118,7 +120,7 @@ class OutputBatch:
 
 
 def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, tensor_parallel, sample_mode,
-               sort_width, dist_k):
+               sort_width, dist_k, sample_top=None):
     forward = family_of(config).forward
     cache, logits = forward(params, cache, batch, inv_freq, config=config, attention=attention)
     if tensor_parallel is not None:  # whole vocabulary rows before sampling
@@ -131,6 +133,8 @@ def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, te
             logits, outputs.temperature, outputs.top_k, outputs.top_p, outputs.min_p, keys,
             outputs.allowed, stochastic=stochastic, sort_width=sort_width,
         )
+        if sample_top is not None:  # some row wants its draw's log-probabilities
+            results.update(sampled_logprobs(logits, results["tokens"], sample_top))
     if dist_k:
         results["dist_ids"], results["dist_probs"] = top_k_distribution(logits, outputs.dist_temperature, dist_k)
     if outputs.logprob_ids is not None:
@@ -141,7 +145,7 @@ def _step_impl(params, cache, batch, outputs, inv_freq, *, config, attention, te
 # Module-level jits: engines of the same model config share compiled executables.
 _step_jit = jax.jit(
     _step_impl,
-    static_argnames=("config", "attention", "tensor_parallel", "sample_mode", "sort_width", "dist_k"),
+    static_argnames=("config", "attention", "tensor_parallel", "sample_mode", "sort_width", "dist_k", "sample_top"),
     donate_argnums=(1,),
 )
 
@@ -328,6 +332,9 @@ class Engine:
                 raise EngineInputError(f"{where}.min_p={out.min_p} must be in [0, 1]")
             if out.seed is not None and not 0 <= out.seed < _MAX_SEED:
                 raise EngineInputError(f"{where}.seed={out.seed} must be in 0..2**64-1")
+            if out.logprobs is not None and not 0 <= out.logprobs <= min(MAX_SAMPLE_LOGPROBS, v):
+                raise EngineInputError(
+                    f"{where}.logprobs={out.logprobs} is out of range 0..{min(MAX_SAMPLE_LOGPROBS, v)}")
             if out.allowed is not None:
                 allowed = np.asarray(out.allowed)
                 if allowed.dtype != np.bool_ or allowed.shape != (v,):
@@ -513,6 +520,7 @@ class Engine:
         allowed = None
         sample_mode, sort_width, dist_k, logprob_width = 0, 0, 0, 0
         max_top_k, uses_top_p = 0, False
+        sample_top = None  # the alternatives' width when a sample row wants log-probabilities
         for i, (row, _, o) in enumerate(specs):
             rows[i] = row
             if isinstance(o, Sample):
@@ -530,6 +538,8 @@ class Engine:
                     if allowed is None:
                         allowed = np.ones((O, v), np.bool_)
                     allowed[i] = o.allowed
+                if o.logprobs is not None:
+                    sample_top = max(sample_top or 0, o.logprobs)
             elif isinstance(o, Distribution):
                 dist_k = max(dist_k, o.k)
                 dist_temperature[i] = o.temperature
@@ -554,6 +564,8 @@ class Engine:
             sample_mode=sample_mode, sort_width=sort_width,
             dist_k=min(_bucket(dist_k), v) if dist_k else 0,
         )
+        if sample_top is not None:  # 0 stays 0: the drawn token's own log-probability only
+            static["sample_top"] = min(_bucket(sample_top), v) if sample_top else 0
         plan = [(r, o) for _, r, o in specs]
         return arrays, plan, static
 
@@ -562,7 +574,12 @@ class Engine:
         tokens = host["tokens"].tolist() if "tokens" in host else None
         for i, (r, o) in enumerate(plan):
             if isinstance(o, Sample):
-                results[r].append(tokens[i])
+                if o.logprobs is None:
+                    results[r].append(tokens[i])
+                else:
+                    results[r].append(SampledToken(
+                        tokens[i], float(host["sampled_logprob"][i]),
+                        host["top_ids"][i, :o.logprobs].tolist(), host["top_logprobs"][i, :o.logprobs].tolist()))
             elif isinstance(o, Distribution):
                 results[r].append((host["dist_ids"][i, :o.k].tolist(), host["dist_probs"][i, :o.k].tolist()))
             else:

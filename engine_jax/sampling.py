@@ -104,3 +104,18 @@ def top_k_distribution(logits: jax.Array, temperature: jax.Array, k: int) -> tup
 def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> jax.Array:
     """``log_softmax(logits)`` at ``token_ids`` (int32 ``[O, L]``)."""
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token_ids, axis=-1)
+
+
+def sampled_logprobs(logits: jax.Array, tokens: jax.Array, width: int) -> dict[str, jax.Array]:
+    """The drawn ``tokens``' log-probabilities under the model's own distribution (``log_softmax``
+    of the raw logits) and, when ``width`` > 0, the ``width`` most likely tokens' (descending)."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    out = {"sampled_logprob": jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]}
+    if width:
+        values, ids = jax.lax.top_k(log_probs, width)
+        out["top_ids"], out["top_logprobs"] = ids.astype(jnp.int32), values
+    else:
+        rows = logits.shape[0]
+        out["top_ids"] = jnp.zeros((rows, 0), jnp.int32)
+        out["top_logprobs"] = jnp.zeros((rows, 0), jnp.float32)
+    return out

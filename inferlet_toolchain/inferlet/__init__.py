@@ -28,7 +28,7 @@ from .args import Args, ArgSpec, ArgumentError
 from .declare import Arg, declare
 from .drafter import Drafter, NgramDrafter
 from .errors import InferletError
-from .sampling import Sampler, Stop
+from .sampling import Sampler, Stop, TokenLogprobs
 
 # name -> module that defines it (needs the Wasm bindings).
 _GUEST = {
@@ -69,5 +69,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Arg", "Args", "ArgSpec", "ArgumentError", "Drafter", "InferletError", "NgramDrafter",
-    "Sampler", "Stop", "brle", "declare", *_GUEST,
+    "Sampler", "Stop", "TokenLogprobs", "brle", "declare", *_GUEST,
 ]

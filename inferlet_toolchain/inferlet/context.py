@@ -30,7 +30,7 @@ from .errors import InferletError
 from .grammar import Grammar, Matcher
 from .loop import wait
 from .model import Message, Model, call, get_model, to_chat_message
-from .sampling import Sampler, Stop
+from .sampling import Sampler, Stop, TokenLogprobs
 
 # A step of work: yields host futures, receives their results (the driver
 # waits and drops each), returns a value.
@@ -110,6 +110,21 @@ def _get(future: Any) -> Any:
         _drop(future)
 
 
+def _unpack_draws(outputs: Sequence["raw.Output"]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+    """The tokens of sample outputs, and their log-probabilities (None where not asked for)."""
+    tokens: list[int] = []
+    infos: list[Optional[TokenLogprobs]] = []
+    for out in outputs:
+        value = out.value
+        if isinstance(value, int):
+            tokens.append(value)
+            infos.append(None)
+        else:  # a sampled-token record
+            tokens.append(value.token)
+            infos.append(TokenLogprobs(value.token, value.logprob, tuple(zip(value.top_tokens, value.top_logprobs))))
+    return tokens, infos
+
+
 def _sample_spec(sampler: Sampler, index: int, step: int) -> "raw.SampleSpec":
     """The contract's spec to draw token number `step` at new-token `index`."""
     return raw.SampleSpec(**sampler.spec_fields(index, step))
@@ -174,6 +189,9 @@ class Context:
         self.next_position = 0
         # Tokens drawn by the last generate() (without a final EOS) and why it stopped.
         self.generated: list[int] = []
+        # With Sampler(logprobs=n): one TokenLogprobs per generated token, appended as each is
+        # drawn (an on_token callback can read the newest); None otherwise.
+        self.logprobs: Optional[list[TokenLogprobs]] = None
         self.stop_reason: Optional[str] = None
         self._step = 0
         self._chat: list[raw.ChatMessage] = []
@@ -357,6 +375,7 @@ class Context:
         matcher = grammar.matcher(self.model) if isinstance(grammar, Grammar) else grammar
         tokenizer = self.model.tokenizer
         generated: list[int] = []
+        self.logprobs = [] if sampler.logprobs is not None else None
         reason: Optional[str] = None
         while reason is None:
             draft: list[int] = []
@@ -369,7 +388,7 @@ class Context:
             outputs = [_sample_request(step_sampler, base + i, self._step + i) for i in range(len(draft) + 1)]
             self.pending = self.pending + draft
             results = yield from self._forward_steps(outputs, None, None)
-            drawn = [out.value for out in results]
+            drawn, infos = _unpack_draws(results)
             # Keep drafts while the model drew the same token; its first
             # different draw (or the draw after the last draft) is the new token.
             accepted: list[int] = []
@@ -380,6 +399,8 @@ class Context:
             used = 0
             for token in accepted:
                 generated.append(token)
+                if self.logprobs is not None:
+                    self.logprobs.append(infos[used])
                 used += 1
                 if matcher is not None:
                     matcher.accept(token)
@@ -424,6 +445,7 @@ class Context:
         past it, are rolled back."""
         tokenizer = self.model.tokenizer
         generated: list[int] = []
+        self.logprobs = [] if sampler.logprobs is not None else None
         reason: Optional[str] = None
         tokens, self.pending = self.pending, []
         current: Optional[_QueuedRun] = None
@@ -441,7 +463,7 @@ class Context:
                     queued_step += next_run.length
                 waiting, current = current, None
                 outputs = yield waiting.future  # the driver waits for it and drops it
-                drawn = [out.value for out in outputs]
+                drawn, infos = _unpack_draws(outputs)
                 # The drawn tokens now in KV: all but the last, and the last as
                 # the first token of the run queued behind (if any).
                 if waiting.length > 1:
@@ -451,6 +473,8 @@ class Context:
                 used = 0
                 for token in drawn:
                     generated.append(token)
+                    if self.logprobs is not None:
+                        self.logprobs.append(infos[used])
                     used += 1
                     if on_token is not None:
                         on_token(token)
@@ -478,6 +502,8 @@ class Context:
             # writes its own end-of-turn when the conversation goes on.
             self.pending = []
             generated.pop()
+        if self.logprobs is not None:
+            del self.logprobs[len(generated):]  # the end token's
         self.generated = generated
         self.stop_reason = reason
         text = stop.trim(self.model.tokenizer.decode(generated))

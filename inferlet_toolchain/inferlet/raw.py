@@ -48,6 +48,8 @@ OutputRequestDistribution = inference.OutputRequest_Distribution
 OutputRequestLogprobs = inference.OutputRequest_Logprobs
 Output = inference.Output
 OutputToken = inference.Output_Token
+OutputSampled = inference.Output_Sampled
+SampledToken = inference.SampledToken
 OutputDistribution = inference.Output_Distribution
 OutputLogprobs = inference.Output_Logprobs
 
@@ -118,6 +120,6 @@ __all__ = [
     "ChatMessage", "Tokenizer", "Model", "Subscription", "Queue", "ForwardFuture", "ForwardRequest",
     "ForwardOptions",
     "SampleSpec", "DistributionSpec", "LogprobsSpec", "OutputRequest", "OutputRequestSample",
-    "OutputRequestDistribution", "OutputRequestLogprobs", "Output", "OutputToken",
+    "OutputRequestDistribution", "OutputRequestLogprobs", "Output", "OutputToken", "OutputSampled", "SampledToken",
     "OutputDistribution", "OutputLogprobs", "Matcher", "BINDINGS",
 ]

@@ -12,6 +12,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional, Sequence
 
 _U64 = 1 << 64
+MAX_LOGPROBS = 20  # alternatives per drawn token the contract reports at most
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A drawn token's natural-log probability and the most likely tokens' (most likely first),
+    under the model's own distribution (temperature 1, before filters)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,9 @@ class Sampler:
     seed: reproducible draws; step i uses a seed derived from (seed, i), so
       the same seed and inputs give the same text while steps stay independent.
     allowed: BRLE over the vocabulary of the tokens that may be drawn.
+    logprobs: None = tokens only; n (0..20) = also each drawn token's
+      log-probability and the n most likely tokens' (the model's own
+      distribution, before temperature and filters), in `Context.logprobs`.
     """
 
     temperature: float = 0.0
@@ -33,6 +47,7 @@ class Sampler:
     min_p: float = 0.0
     seed: Optional[int] = None
     allowed: Optional[tuple[int, ...]] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -45,6 +60,8 @@ class Sampler:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.seed is not None and not 0 <= self.seed < _U64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS} (or None), got {self.logprobs}")
         if self.allowed is not None and not isinstance(self.allowed, tuple):
             object.__setattr__(self, "allowed", tuple(self.allowed))
 
@@ -102,6 +119,7 @@ class Sampler:
             "min_p": float(self.min_p),
             "seed": self.step_seed(step),
             "allowed": None if self.allowed is None else list(self.allowed),
+            "logprobs": self.logprobs,
         }
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from wasmtime.component import Record
 
-from engine_jax.batch import Distribution, Logprobs, Sample
+from engine_jax.batch import Distribution, Logprobs, Sample, SampledToken
 from pie_runtime.errors import PieError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def sample_request(spec: Any, vocab_size: int) -> Sample:
         min_p=float(getattr(spec, "min-p")),
         seed=spec.seed,
         allowed=allowed_mask,
+        logprobs=spec.logprobs,
     )
 
 
@@ -72,8 +73,14 @@ def output_request(req: Any, vocab_size: int) -> Any:
 
 
 def output_value(request: Any, result: Any) -> Any:
-    """One core result as the WIT `output` variant (untagged in wasmtime-py: int / tuple / list)."""
+    """One core result as the WIT `output` variant (untagged in wasmtime-py: int / Record / tuple / list)."""
     if isinstance(request, Sample):
+        if isinstance(result, SampledToken):
+            rec = Record()
+            for name, value in (("token", result.token), ("logprob", result.logprob),
+                                ("top-tokens", result.top_tokens), ("top-logprobs", result.top_logprobs)):
+                setattr(rec, name, value)
+            return rec
         return int(result)
     if isinstance(request, Distribution):
         ids, probs = result

@@ -46,6 +46,7 @@ class ServerState:
         self.started_at = time.time()
         self.max_message_bytes = MAX_MESSAGE_BYTES
         self.runtime: Any = None  # pie_runtime.options.Runtime
+        self._token_texts: Any = None
         self.programs: Any = None  # programs.ProgramStore
         self.registry: Any = None  # sessions.InstanceRegistry
         self.completion_program: Any = None
@@ -147,6 +148,14 @@ class ServerState:
 
     def exposed_program(self, name: str) -> Any | None:
         return self.exposed.get(name)
+
+    def token_texts(self) -> Any:
+        """The served model's token texts (for log-probabilities), built on first use."""
+        if self._token_texts is None:
+            from pie_runtime.server.openai_logprobs import TokenTexts
+
+            self._token_texts = TokenTexts(self.runtime.engine.tokenizer)
+        return self._token_texts
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1

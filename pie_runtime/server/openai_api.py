@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pie_client.protocol import TERMINAL_EVENTS, ProtocolError
+from pie_runtime.server.openai_logprobs import ChoiceLogprobs
 from pie_runtime.server.openai_schema import ChatRequest, CompletionRequest, OpenAIError, parse_body
 
 router = APIRouter()
@@ -72,13 +73,11 @@ async def _complete(request: Request, chat: bool) -> Any:
             if parsed.model not in state.openai_models():
                 raise OpenAIError(404, f"The model '{parsed.model}' does not exist", param="model",
                                   code="model_not_found")
-            if parsed.logprobs:
-                raise OpenAIError(400, "logprobs are not supported by this server yet", param="logprobs",
-                                  code="unsupported_parameter")
             payload = {**parsed.to_inferlet(), "prefix_cache": True}
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             run = _Run(state, request, tenant, state.completion_program, json.dumps(payload), chat, parsed.model,
-                       exposed=False, stream=parsed.stream, include_usage=include_usage, n=parsed.n)
+                       exposed=False, stream=parsed.stream, include_usage=include_usage, n=parsed.n,
+                       logprobs=payload["logprobs"] is not None)
         response = await run.respond()
         state.openai_requests[(endpoint, response.status_code)] += 1
         return response
@@ -99,7 +98,8 @@ class _Run:
     """One request's instance, from launch to the response."""
 
     def __init__(self, state: Any, request: Request, tenant: str, program: Any, payload: str, chat: bool,
-                 model: str, *, exposed: bool, stream: bool, include_usage: bool, n: int) -> None:
+                 model: str, *, exposed: bool, stream: bool, include_usage: bool, n: int,
+                 logprobs: bool = False) -> None:
         self.state, self.request, self.chat, self.model = state, request, chat, model
         self.exposed, self.stream, self.include_usage, self.n = exposed, stream, include_usage, n
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -115,6 +115,7 @@ class _Run:
         client.close_input()
         self.texts = [""] * n
         self.finish: list[str | None] = [None] * n
+        self.logprobs = ChoiceLogprobs(n, chat, state.token_texts()) if logprobs else None
         self.usage: dict[str, Any] | None = None
         self._trailing = ""  # an exposed program's return value, sent after what it streamed
         self._events = self._event_stream()
@@ -179,6 +180,9 @@ class _Run:
         if kind == "d":
             self.texts[message["i"]] += message["x"]
             return "delta", (message["i"], message["x"])
+        if kind == "l" and self.logprobs is not None:
+            self.logprobs.add(message["i"], message["p"])
+            return None
         if kind == "f":
             self.finish[message["i"]] = message["r"]
             return "finish", message["i"]
@@ -263,19 +267,21 @@ class _Run:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _chunk(self, index: int, delta: Any, finish: str | None) -> dict[str, Any]:
+        logprobs = self.logprobs.unsent(index) if self.logprobs is not None else None
         if self.chat:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope(), "choices": [choice]}
 
     def _whole(self) -> dict[str, Any]:
+        logprobs = [self.logprobs.whole(i) if self.logprobs is not None else None for i in range(self.n)]
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs[i],
                         "finish_reason": self.finish[i] or "stop"} for i, text in enumerate(self.texts)]
             kind = "chat.completion"
         else:
-            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": self.finish[i] or "stop"}
+            choices = [{"index": i, "text": text, "logprobs": logprobs[i], "finish_reason": self.finish[i] or "stop"}
                        for i, text in enumerate(self.texts)]
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,

@@ -119,6 +119,12 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs is only allowed with logprobs: true")
+        return self
+
     def to_inferlet(self) -> dict[str, Any]:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return {
@@ -126,6 +132,7 @@ class ChatRequest(_Sampling):
                          for m in self.messages],
             **self.sampling(limit),
             "json_schema": _schema_of(self.response_format),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
 
 
@@ -146,7 +153,8 @@ class CompletionRequest(_Sampling):
         return value
 
     def to_inferlet(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, **self.sampling(self.max_tokens), "json_schema": None}
+        return {"prompt": self.prompt, **self.sampling(self.max_tokens), "json_schema": None,
+                "logprobs": self.logprobs}
 
 
 def _schema_of(fmt: ResponseFormat | None) -> dict[str, Any] | None:

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine_jax.batch import Distribution, ForwardRequest, Logprobs, Sample
+from engine_jax.batch import (
+    MAX_SAMPLE_LOGPROBS,
+    Distribution,
+    EngineInputError,
+    ForwardRequest,
+    Logprobs,
+    Sample,
+    SampledToken,
+)
 from engine_jax.engine import Engine
 from engine_jax.sampling import first_argmax, sample_tokens, token_logprobs, top_k_distribution
 
@@ -217,3 +225,43 @@ def test_engine_outputs_agree_with_each_other(engine):
     np.testing.assert_array_equal(ids2, np.argsort(-p2)[:3])
     np.testing.assert_allclose(probs2, p2[ids2], rtol=1e-4)
     assert empty == []
+
+
+def test_sampled_token_logprobs_are_the_models_own(engine):
+    """A sample with `logprobs` reports its draw's log-probability and the top alternatives under the
+    model's own distribution (temperature 1, before `allowed`), whatever it was drawn with."""
+    v = engine.config.vocab_size
+    allowed = np.zeros(v, bool)
+    allowed[[3, 50, 200]] = True
+    results = run_samples(engine, [
+        Logprobs(index=4, token_ids=tuple(range(v))),
+        Sample(index=4, logprobs=5),
+        Sample(index=4, temperature=2.0, seed=3, logprobs=0),
+        Sample(index=4, temperature=0.0, allowed=allowed, logprobs=2),
+        Sample(index=2, logprobs=MAX_SAMPLE_LOGPROBS),
+        Sample(index=4),
+        Logprobs(index=2, token_ids=tuple(range(v))),
+    ])
+    full, top5, drawn, masked, wide, plain, full2 = results
+    full, full2 = np.array(full), np.array(full2)
+    assert isinstance(top5, SampledToken) and plain == top5.token == int(np.argmax(full))
+    np.testing.assert_array_equal(top5.top_tokens, np.argsort(-full, kind="stable")[:5])
+    np.testing.assert_allclose(top5.top_logprobs, full[top5.top_tokens], atol=1e-5)
+    np.testing.assert_allclose(top5.logprob, full[top5.token], atol=1e-5)
+    assert drawn.top_tokens == [] and drawn.top_logprobs == []
+    np.testing.assert_allclose(drawn.logprob, full[drawn.token], atol=1e-5)
+    assert masked.token in (3, 50, 200) and masked.top_tokens == top5.top_tokens[:2]
+    np.testing.assert_allclose(masked.logprob, full[masked.token], atol=1e-5)
+    assert len(wide.top_tokens) == MAX_SAMPLE_LOGPROBS and wide.token == wide.top_tokens[0]
+    np.testing.assert_allclose(wide.top_logprobs, full2[wide.top_tokens], atol=1e-5)
+
+
+def test_sample_logprobs_beyond_the_cap_are_refused(engine):
+    pages = engine.pool.alloc(1)
+    try:
+        req = ForwardRequest(tokens=[5], positions=[0], pages=pages, last_page_len=1,
+                             outputs=[Sample(index=0, logprobs=MAX_SAMPLE_LOGPROBS + 1)])
+        with pytest.raises(EngineInputError, match="logprobs=21"):
+            engine.step([req])
+    finally:
+        engine.pool.free(pages)

@@ -163,3 +163,77 @@ def test_unknown_model_bad_json_and_bad_tokens(server, openai_client):
         stranger.models.list()
     anonymous = httpx.get(server.url + "/v1/models", timeout=30)
     assert anonymous.status_code == 401
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(server_model_dir):
+    """Transformers' own greedy continuation of PROMPT and each step's log-softmax (the truth the
+    server's log-probabilities must match), with the prompt tokenised as the completion program does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_directory(server_model_dir)
+    ids = tokenizer.encode(PROMPT)
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids.insert(0, tokenizer.bos_token_id)
+    model = AutoModelForCausalLM.from_pretrained(server_model_dir, torch_dtype=torch.float32).eval()
+    steps = []
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+            token = int(logprobs.argmax())
+            steps.append((token, logprobs))
+            ids.append(token)
+    return steps, tokenizer.vocabulary()
+
+
+def test_completion_logprobs_are_the_models_own(server, openai_client, hf_greedy):
+    steps, vocabulary = hf_greedy
+    reply = openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0,
+                                             max_tokens=MAX_TOKENS, logprobs=3)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == MAX_TOKENS
+    # A random model draws byte fragments: the tokens' bytes, not their texts, make up the text.
+    assert b"".join(vocabulary[t] for t, _ in steps).decode("utf-8", errors="replace") == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(MAX_TOKENS)]
+    for (token, truth), text, logprob, top in zip(steps, lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert text == vocabulary[token].decode("utf-8", errors="backslashreplace")
+        assert logprob == pytest.approx(truth[token], abs=1e-4)
+        best = sorted(range(len(truth)), key=lambda t: -truth[t])[:3]
+        assert list(top.values()) == pytest.approx([truth[t] for t in best], abs=1e-4)
+        assert set(top) <= {vocabulary[t].decode("utf-8", errors="backslashreplace") for t in best}
+    streamed = list(openai_client.completions.create(model=server.model, prompt=PROMPT, temperature=0,
+                                                     max_tokens=MAX_TOKENS, logprobs=3, stream=True))
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert sum((p.tokens for p in parts), []) == lp.tokens
+    assert sum((p.token_logprobs for p in parts), []) == lp.token_logprobs
+    assert sum((p.text_offset for p in parts), []) == lp.text_offset
+
+
+def test_chat_logprobs_stream_and_sampled_draws(server, openai_client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                  max_tokens=10, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    text = b"".join(bytes(item.bytes) for item in content).decode("utf-8", errors="replace")
+    assert text == whole.choices[0].message.content
+    for item in content:  # greedy: the drawn token is the most likely one
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
+        assert item.logprob == item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+    stream = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=0,
+                                                   max_tokens=10, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [item for c in stream if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    sampled = openai_client.chat.completions.create(model=server.model, messages=messages, temperature=1.5,
+                                                    seed=5, max_tokens=10, logprobs=True, n=2)
+    for choice in sampled.choices:  # no alternatives asked for; each draw's own log-probability
+        items = choice.logprobs.content
+        assert items and all(i.top_logprobs == [] and i.logprob <= 0 for i in items)
+        assert b"".join(bytes(i.bytes) for i in items).decode("utf-8", errors="replace") == choice.message.content
+    reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                       json={"model": server.model, "messages": messages, "top_logprobs": 2})
+    assert reply.status_code == 400 and "logprobs" in reply.json()["error"]["message"]

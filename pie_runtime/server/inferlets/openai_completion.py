@@ -7,11 +7,15 @@ checks the request and sends it, normalised, as the first message:
     {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}, ...]},
     "max_tokens": int or null, "temperature": float, "top_p": float,
     "seed": int or null, "stop": [str, ...], "n": int,
-    "json_schema": {...} or null, "prefix_cache": bool
+    "json_schema": {...} or null, "prefix_cache": bool,
+    "logprobs": null, or how many alternatives to report per token (0..20)
 
 Messages sent back, one JSON object each:
 
     {"t": "d", "i": CHOICE, "x": TEXT}        more text of choice CHOICE
+    {"t": "l", "i": CHOICE, "p": [[TOKEN, LOGPROB, [[ID, LOGPROB], ...]], ...]}
+                                              with "logprobs": the next tokens of choice CHOICE
+                                              (sent before the text they make up)
     {"t": "f", "i": CHOICE, "r": REASON}      choice CHOICE ended: "stop" or "length"
     {"t": "e", "c": CODE, "m": MESSAGE}       the request cannot be served (e.g. too long)
 
@@ -52,8 +56,10 @@ class TextStream:
     is decoded and sent once per burst, when the event loop next runs, not
     once per token."""
 
-    def __init__(self, index, tokenizer, stop_strings, eos_tokens):
+    def __init__(self, index, tokenizer, stop_strings, eos_tokens, logprobs_of=None):
         self.index = index
+        self.logprobs_of = logprobs_of  # the generating Context, when log-probabilities are wanted
+        self.pending_logprobs = []
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.eos_tokens = eos_tokens
@@ -66,6 +72,9 @@ class TextStream:
         if token in self.eos_tokens:
             return
         self.tokens.append(token)
+        if self.logprobs_of is not None:
+            entry = self.logprobs_of.logprobs[-1]  # the SDK appends it before calling on_token
+            self.pending_logprobs.append([entry.token, entry.logprob, [list(alt) for alt in entry.top]])
         if not self.scheduled:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self.send_safe_text)
@@ -88,6 +97,9 @@ class TextStream:
         self.flush(text[:safe])
 
     def flush(self, text):
+        if self.pending_logprobs:
+            emit("l", i=self.index, p=self.pending_logprobs)
+            self.pending_logprobs = []
         if len(text) > self.sent:
             emit("d", i=self.index, x=text[self.sent:])
             self.sent = len(text)
@@ -155,16 +167,18 @@ def start_context(model, tokens, prefix, use_cache):
 
 
 def sampler_for(request, choice):
+    logprobs = request.get("logprobs")
     if request["temperature"] == 0:
-        return Sampler.greedy()
+        return Sampler(logprobs=logprobs)
     seed = request["seed"]
-    return Sampler.random(request["temperature"], top_p=request["top_p"],
-                          seed=None if seed is None else seed + choice)
+    return Sampler(temperature=request["temperature"], top_p=request["top_p"],
+                   seed=None if seed is None else seed + choice, logprobs=logprobs)
 
 
 async def generate_choice(ctx, index, request, max_tokens):
     model = ctx.model
-    stream = TextStream(index, model.tokenizer, request["stop"], set(model.eos_tokens))
+    stream = TextStream(index, model.tokenizer, request["stop"], set(model.eos_tokens),
+                        ctx if request.get("logprobs") is not None else None)
     grammar = Grammar.json_schema(request["json_schema"]) if request["json_schema"] is not None else None
     text = await ctx.generate_async(sampler_for(request, index), Stop(max_tokens=max_tokens, strings=request["stop"]),
                                     on_token=stream.on_token, grammar=grammar)
