@@ -82,7 +82,7 @@ def test_fixed_timeout_waits_from_the_oldest_ready_forward():
     assert len(p.select(r)) == 2
 
 
-def test_token_budget_prefers_higher_priority_and_lets_small_requests_fill_in():
+def test_token_budget_prefers_higher_priority_lets_small_requests_fill_in_and_chunks_the_rest():
     p = BatchPolicy("adaptive", token_budget=10)
     r = [
         ready(0, priority=0, tokens=4, since=0.0),
@@ -92,8 +92,11 @@ def test_token_budget_prefers_higher_priority_and_lets_small_requests_fill_in():
     ]
     # priority 5 (8 tokens) first; 6 and 4 do not fit; 2 does.
     assert [x.queue_id for x in p.select(r)] == [1, 3]
-    # A request larger than the whole budget still runs, alone.
-    assert [x.queue_id for x in p.select([ready(7, tokens=50)])] == [7]
+    # A request larger than the whole budget runs a chunk of it, alone.
+    assert p.select([ready(7, tokens=50)]) == [ready(7, tokens=10)]
+    # What requests that fit whole leave goes to the first one that does not (a chunk).
+    assert p.select([ready(7, tokens=50), ready(8, tokens=1, since=1.0)]) == [ready(8, tokens=1, since=1.0),
+                                                                              ready(7, tokens=9)]
 
 
 def test_max_batch_caps_requests():
@@ -110,7 +113,7 @@ def test_bad_policy_arguments_are_rejected():
 # ---------------------------------------------------------------- the engine thread
 class RecordingEngine:
     """Records every engine call in order; a step can be held open by the test.
-    Sample outputs return the request's last token + 1000 so results are traceable."""
+    Each output returns the token at its index + 1000 so results are traceable."""
 
     def __init__(self, num_pages: int = 32) -> None:
         self.page_size = PAGE_SIZE
@@ -142,7 +145,7 @@ class RecordingEngine:
         self.batches.append([tuple(r.tokens) for r in requests])
         for r in requests:
             self.log.append(("forward", tuple(r.tokens), tuple(r.pages)))
-        return [[r.tokens[-1] + 1000 for o in r.outputs] for r in requests]
+        return [[r.tokens[o.index] + 1000 for o in r.outputs] for r in requests]
 
     def copy_slots(self, *args) -> None:
         self.log.append(("copy_slots", *args))
