@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -41,6 +41,11 @@ class ChunkProgress:
     chunks: int = 0  # chunks already run
     results: dict[int, OutputResult] = field(default_factory=dict)  # output index -> result
 
+    def add(self, chunk: "Chunk", results: Sequence[OutputResult]) -> None:
+        """Takes in a chunk that ran, with its results."""
+        self.done, self.chunks = chunk.end, self.chunks + 1
+        self.results.update(zip(chunk.output_indices, results))
+
     def results_in_order(self, num_outputs: int) -> list[OutputResult]:
         return [self.results[i] for i in range(num_outputs)]
 
@@ -57,8 +62,32 @@ class Chunk:
     outputs: tuple[Any, ...]
     output_indices: tuple[int, ...]  # each output's index in the whole forward's outputs
 
+    @staticmethod
+    def all_of(cmd: ForwardCmd) -> "Chunk":
+        return Chunk(0, len(cmd.tokens), cmd.pages, cmd.last_page_len, cmd.mask, cmd.outputs,
+                     tuple(range(len(cmd.outputs))))
+
     def whole(self, cmd: ForwardCmd) -> bool:
         return self.start == 0 and self.end == len(cmd.tokens)
+
+    def written_pages(self, page_size: int) -> list[int]:
+        """The pages its new tokens' K/V go to (the ones that must be private)."""
+        if self.end == self.start:
+            return []
+        seq_len = (len(self.pages) - 1) * page_size + self.last_page_len
+        first = (seq_len - (self.end - self.start)) // page_size
+        return list(self.pages[first:(seq_len - 1) // page_size + 1])
+
+
+def next_chunk(cmd: ForwardCmd, limit: int, page_size: int) -> Chunk:
+    """The part of `cmd` that runs next: the rest of it, or `limit` tokens' worth
+    (more only where a custom mask forbids the split, see `ChunkPlan.end`)."""
+    start = cmd.progress.done if cmd.progress is not None else 0
+    n = len(cmd.tokens)
+    if start == 0 and limit >= n:
+        return Chunk.all_of(cmd)
+    plan = ChunkPlan.of(cmd, page_size)
+    return plan.chunk(cmd, start, plan.end(start, limit, n))
 
 
 class ChunkPlan:
@@ -98,7 +127,7 @@ class ChunkPlan:
     def chunk(self, cmd: ForwardCmd, start: int, end: int) -> Chunk:
         n, ps = len(cmd.tokens), self.page_size
         if start == 0 and end == n:
-            return Chunk(0, n, cmd.pages, cmd.last_page_len, cmd.mask, cmd.outputs, tuple(range(len(cmd.outputs))))
+            return Chunk.all_of(cmd)
         seq_len = self.total - (n - end)
         used = -(-seq_len // ps)
         picked = [(i, o) for i, o in enumerate(cmd.outputs) if start <= o.index < end]

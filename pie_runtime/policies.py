@@ -121,18 +121,25 @@ class BatchPolicy:
             return 0.0
         return max(0.0, oldest + self.fixed_max_wait_s - now)
 
-    @property
-    def waits_for_whole_cohort(self) -> bool:
-        """Whether, with some of the last step's queues back, only the rest coming
-        back (or the wait running out) can make it fire: the adaptive policy
-        without a cap or budget that a partial cohort could already fill."""
-        return self.name == "adaptive" and self.max_batch is None and self.token_budget is None
+    def cohort_member_may_fire(self, num_tokens: int) -> bool:
+        """Whether a forward of `num_tokens` from one of the last step's queues,
+        with other members of that cohort still out, can make the policy fire
+        before the rest come back (or the wait runs out): under the adaptive
+        policy only if it fills a batch cap or, alone, the token budget. (A
+        cohort that fills the budget only together waits for its last member,
+        at most one step's latency.)"""
+        if self.name != "adaptive" or self.max_batch is not None:
+            return True
+        return self.token_budget is not None and num_tokens >= self.token_budget
 
     def _full(self, ready: Sequence[Ready]) -> bool:
-        """Waiting cannot grow the batch: the cap or the token budget is reached."""
+        """Waiting cannot grow the batch: the cap is reached, or forwards that fit
+        whole fill the token budget (a longer one is chunked to what they leave,
+        so one more decoder back still changes the batch)."""
         if self.max_batch is not None and len(ready) >= self.max_batch:
             return True
-        return self.token_budget is not None and sum(r.num_tokens for r in ready) >= self.token_budget
+        budget = self.token_budget
+        return budget is not None and sum(r.num_tokens for r in ready if r.num_tokens <= budget) >= budget
 
     def select(self, ready: Sequence[Ready]) -> list[Ready]:
         """The batch: highest priority first, then oldest. Under a token budget,

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from engine_jax.batch import EngineInputError, ForwardRequest, OutputRequest, OutputResult, Sample
 
-from .chunking import Chunk, ChunkPlan, ChunkProgress
+from .chunking import Chunk, ChunkProgress, next_chunk
 from .commands import (
     CommandQueue,
     CopySlotsCmd,
@@ -149,8 +149,8 @@ class Scheduler:
         self._last_active[queue.instance_id] = time.monotonic()
         if queue.head() is not cmd:
             return  # the engine thread only looks at heads: one behind cannot change its decision
-        if (self._bounded_wait and self.policy.waits_for_whole_cohort and isinstance(cmd, ForwardCmd)
-                and queue.id in self._awaited and len(self._awaited) > 1):
+        if (self._bounded_wait and isinstance(cmd, ForwardCmd) and queue.id in self._awaited
+                and len(self._awaited) > 1 and not self.policy.cohort_member_may_fire(len(cmd.tokens))):
             self._awaited.discard(queue.id)
             return
         self.cv.notify_all()
@@ -420,10 +420,8 @@ class Scheduler:
         queue = self.queues[queue_id]
         cmd = queue.head()
         assert isinstance(cmd, ForwardCmd)
-        chunk = self._next_chunk(cmd, limit)
-        n = chunk.end - chunk.start
-        written = [chunk.pages[i] for i in _written_pages(len(chunk.pages), chunk.last_page_len, n,
-                                                          self.pages.page_size)]
+        chunk = next_chunk(cmd, limit, self.pages.page_size)
+        written = chunk.written_pages(self.pages.page_size)
         if not self._memory_for(queue, written):
             return None
         if chunk.end == len(cmd.tokens):
@@ -472,16 +470,6 @@ class Scheduler:
         if not whole and cmd.progress is None:
             cmd.progress = ChunkProgress(tokens)
         return _Prepared(cmd, queue_id, inst, request, chunk)
-
-    def _next_chunk(self, cmd: ForwardCmd, limit: int) -> Chunk:
-        """The part of `cmd` this step runs: the rest of it, or `limit` tokens' worth
-        (more only where a custom mask forbids the split, see `ChunkPlan.end`)."""
-        start = cmd.progress.done if cmd.progress is not None else 0
-        n = len(cmd.tokens)
-        if start == 0 and limit >= n:
-            return Chunk(0, n, cmd.pages, cmd.last_page_len, cmd.mask, cmd.outputs, tuple(range(len(cmd.outputs))))
-        plan = ChunkPlan.of(cmd, self.pages.page_size)
-        return plan.chunk(cmd, start, plan.end(start, limit, n))
 
     def _take_head(self, queue: CommandQueue) -> None:
         """Pops the queue's head; a closed queue goes away once drained."""
@@ -554,8 +542,7 @@ class Scheduler:
         progress = cmd.progress
         if progress is not None:
             self.stats.prefill_chunks += 1
-            progress.done, progress.chunks = chunk.end, progress.chunks + 1
-            progress.results.update(zip(chunk.output_indices, result))
+            progress.add(chunk, result)
             if not prepared.final:
                 return
             self.stats.forwards_split += 1
@@ -593,14 +580,6 @@ class Scheduler:
         except Exception as exc:
             log.exception("engine step failed")
             return [(None, PieError.internal(f"engine step failed: {exc!r}"))]
-
-
-def _written_pages(num_pages: int, last_page_len: int, num_tokens: int, page_size: int) -> range:
-    """Indices into a forward's pages of the pages its `num_tokens` new tokens' K/V go to."""
-    if not num_tokens:
-        return range(0)
-    seq_len = (num_pages - 1) * page_size + last_page_len
-    return range((seq_len - num_tokens) // page_size, (seq_len - 1) // page_size + 1)
 
 
 def _last_drawn(outputs: Sequence[OutputRequest], results: list[OutputResult]) -> int | None:

@@ -10,6 +10,9 @@ failing chunk fails the forward alone, and closing mid-chunks leaks no page.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -139,6 +142,40 @@ def test_decoders_get_a_token_in_every_step_between_chunks_and_fifo_holds(fake):
     assert [i for i, _ in long[:9]] == list(range(long[0][0], long[0][0] + 9))  # a chunk every step
     assert long[-1][0] > long[-2][0]  # the forward queued behind the prompt ran after its last chunk
     assert core.stats.forwards_split == 1 and core.stats.prefill_chunks == 9
+
+
+def test_decoders_that_resubmit_after_each_token_share_the_chunks_steps(fake):
+    """Decoders on their own threads issue their next token only once the last one is back:
+    the adaptive policy waits for them (at most a step's latency) rather than run a chunk alone."""
+    engine, core = fake
+    engine.step_seconds = 0.03
+    stop = threading.Event()
+    tokens = [0, 0]
+
+    def decode(i: int) -> None:
+        q = core.open_instance(f"d{i}").create_queue(0)
+        pages = q.allocate_pages(1)
+        while not stop.is_set():
+            _decoder_forwards(q, pages, 1)[0].result(5)
+            tokens[i] += 1
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while min(tokens) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        q = core.open_instance("long").create_queue(0)
+        q.forward(list(range(1, 41)), range(40), q.allocate_pages(10), 4, None, [Sample(39)]).result(10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    chunk_steps = [step for step in core.recent_steps() if any(e.instance_id == "long" for e in step)]
+    assert len(chunk_steps) >= 18  # about 40 / (4 - 2 decoders' tokens) steps; 10 if it ran alone
+    shared = sum(sorted(e.instance_id for e in step) == ["d0", "d1", "long"] for step in chunk_steps)
+    assert shared >= 0.8 * len(chunk_steps), [[e.instance_id for e in step] for step in chunk_steps]
 
 
 def test_a_decode_run_behind_a_chunked_prompt_draws_from_its_last_chunk(fake):

@@ -208,8 +208,9 @@ STOP_AND_GO = REPO / "tests" / "runtime" / "guests" / "stop_and_go.py"
 @pytest.mark.parametrize("options", [("--queue-ahead", "off", "--decode-run", "1"),
                                      ("--queue-ahead", "off", "--decode-run", "3"),
                                      ("--queue-ahead", "on", "--decode-run", "1"),
-                                     ("--queue-ahead", "on", "--decode-run", "3")],
-                         ids=["per-token", "runs-of-3", "ahead-per-token", "ahead-runs-of-3"])
+                                     ("--queue-ahead", "on", "--decode-run", "3"),
+                                     ("--queue-ahead", "on", "--decode-run", "3", "--token-budget", "2")],
+                         ids=["per-token", "runs-of-3", "ahead-per-token", "ahead-runs-of-3", "chunked-prefill"])
 def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llama_dir, tiny_llama_model,
                                                                        options):
     """generate() stopped by a stop token, then continued: the passes a run

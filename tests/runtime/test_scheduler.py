@@ -99,6 +99,19 @@ def test_token_budget_prefers_higher_priority_lets_small_requests_fill_in_and_ch
                                                                               ready(7, tokens=9)]
 
 
+def test_adaptive_under_a_budget_waits_for_decoders_before_a_chunk():
+    p = BatchPolicy("adaptive", token_budget=8, adaptive_max_wait_s=1.0)
+    pacing = Pacing(awaited=2, last_step_end=10.0, last_step_latency=0.1)
+    # A long prompt alone more than fills the budget, but decoders coming back would share the step.
+    assert p.wait_time([ready(0, tokens=100, since=9.0)], 10.01, pacing) == pytest.approx(0.09)
+    # Forwards that fit whole and fill the budget: waiting cannot change the batch.
+    assert p.wait_time([ready(i, tokens=4) for i in range(2)], 10.01, pacing) == 0.0
+    # So a returning cohort member wakes the engine thread only if it fills the budget alone.
+    assert not p.cohort_member_may_fire(1) and p.cohort_member_may_fire(8)
+    assert not BatchPolicy("adaptive").cohort_member_may_fire(10**6)
+    assert BatchPolicy("greedy").cohort_member_may_fire(1)
+
+
 def test_max_batch_caps_requests():
     p = BatchPolicy("adaptive", max_batch=2)
     assert len(p.select([ready(i) for i in range(5)])) == 2
@@ -124,6 +137,7 @@ class RecordingEngine:
         self.gate.set()
         self.in_step = threading.Event()
         self.fail_next_step: Exception | None = None
+        self.step_seconds = 0.0  # how long each step takes (its latency, which the adaptive policy paces by)
 
     def validate(self, req, check_pages: bool = True) -> None:
         if -1 in req.tokens:
@@ -136,6 +150,7 @@ class RecordingEngine:
     def step(self, requests, validated: bool = False):
         self.in_step.set()
         self.gate.wait(10)
+        time.sleep(self.step_seconds)
         self.in_step.clear()
         if self.fail_next_step is not None:
             exc, self.fail_next_step = self.fail_next_step, None
