@@ -26,27 +26,14 @@ import threading
 import time
 from typing import Any, Sequence
 
-from jax import monitoring
-
-from common import cpu_model, load_engine, model_arg
+from common import cpu_model, load_engine, model_arg  # first: puts the repository on sys.path
+from batching_policy import COMPILE_TIMER  # noqa: E402
 from engine_jax.batch import Sample
 from pie_runtime import ServingCore
 from pie_runtime.policies import DEFAULT_TOKEN_BUDGET
 
 WARM_TOKENS = 6  # tokens every decoder draws before the prompt arrives
 MAX_RERUNS = 3  # a timed trial that had to compile a step shape is run again, at most this often
-
-
-class CompileTimer:
-    """Seconds JAX spent compiling (or loading cached executables) since `mark`."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        monitoring.register_event_duration_secs_listener(self._record)
-
-    def _record(self, event: str, duration: float, **_: Any) -> None:
-        if event.startswith("/jax/core/compile/") or event == "/jax/compilation_cache/cache_retrieval_time_sec":
-            self.seconds += duration
 
 
 class Stream:
@@ -145,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     budgets = sorted(set(args.budgets) | {0})
 
     engine = load_engine(args.model, page_size=args.page_size)
-    timer = CompileTimer()
+    timer = COMPILE_TIMER  # seconds JAX spent compiling (or loading cached executables)
     print(f"cpu: {cpu_model()}")
     print(f"model {engine.name}, {args.decoders} decoders (context {args.context}) while a long prompt arrives; "
           f"budgets {budgets} (0 = chunking off, default {DEFAULT_TOKEN_BUDGET}), {args.repeats} repeats")

@@ -47,8 +47,12 @@ POLICIES = ("adaptive", "greedy", "eager", "fixed-size", "fixed-timeout")
 DEFAULT_DECODE_RUN = 8
 
 # New tokens per engine step unless the operator says otherwise (`--token-budget`).
-# Why this value: benchmarks/RESULTS.md, mixed_load.py.
-DEFAULT_TOKEN_BUDGET = 256
+# Why 128: the smallest budget measured (benchmarks/mixed_load.py, RESULTS.md) at
+# which a 512- or 2048-token prompt among 15 decoders is answered no later than
+# with chunking off, on a 2-core CPU; the decoders' worst time per token fell to
+# 0.16x / 0.07x. An accelerator, where a step's cost grows slowly with its
+# tokens, would likely want more (not measured).
+DEFAULT_TOKEN_BUDGET = 128
 
 
 @dataclass(frozen=True)

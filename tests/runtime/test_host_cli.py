@@ -234,3 +234,5 @@ def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llam
     assert r["first_reason"] == "eos" and r["first"] == expected[:k]
     assert r["second"] == expected[k + 1:k + 5]
     assert r["kv_len"] == len(ids) + k + 1 + 3 and r["pending"] == 1
+    if "--token-budget" in options:  # the prompt really ran in chunks, unseen by the inferlet
+        assert "chunked prefill: " in err, err
