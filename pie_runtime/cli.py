@@ -403,6 +403,9 @@ def _summary(console: _Console, outcomes: Sequence[Any], stats: Any, wall: float
         seen = ", ".join(f"{size}x{count}" for size, count in sorted(batches.items()))
         lines.append(f"pie-run: batch sizes (requests x steps): {seen}; "
                      f"mean {stats.mean_batch_requests:.1f}, max {stats.max_batch_requests}")
+    if getattr(stats, "forwards_split", 0):
+        lines.append(f"pie-run: chunked prefill: {stats.forwards_split} forwards split by the token budget "
+                     f"into {stats.prefill_chunks} chunks")
     if getattr(stats, "alloc_waits", 0) or getattr(stats, "preemptions", 0):
         lines.append(f"pie-run: memory pressure: {stats.alloc_waits} allocations waited "
                      f"({stats.alloc_wait_seconds:.2f}s), {stats.preemptions} preemptions "

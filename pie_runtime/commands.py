@@ -33,6 +33,15 @@ class ForwardCmd:
     # The first token is the one the queue's previous forward drew (feed-previous).
     feeds_previous: bool = False
     future: Future = field(default_factory=Future)
+    # Split over steps by the token budget (`pie_runtime.chunking`): where it may
+    # be split (a ChunkPlan, computed on first need) and how far it has run (a
+    # ChunkProgress, once its first chunk ran; None while it has not started).
+    chunk_plan: Any = None
+    progress: Any = None
+
+    def remaining(self) -> int:
+        """New tokens still to run."""
+        return len(self.tokens) - (self.progress.done if self.progress is not None else 0)
 
 
 @dataclass

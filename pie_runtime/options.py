@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from engine_jax.options import positive_int
 from pie_runtime.limits import TenantLimits
+from pie_runtime.policies import DEFAULT_TOKEN_BUDGET
 
 BATCHING_POLICIES = ("adaptive", "eager", "fixed-size", "fixed-timeout")
 QUEUE_AHEAD = {"auto": None, "on": True, "off": False}
@@ -35,6 +36,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """The model and its devices (``engine_jax.options.add_arguments``) and the batching policy."""
     from engine_jax.options import add_arguments
@@ -42,6 +50,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g = add_arguments(p)
     g.add_argument("--batching", choices=BATCHING_POLICIES, default="adaptive",
                    help="batching policy of the serving core (default adaptive)")
+    g.add_argument("--token-budget", type=non_negative_int, default=DEFAULT_TOKEN_BUDGET, metavar="N",
+                   help="most new tokens one engine step runs (chunked prefill): a longer forward, such as a "
+                        "long prompt, runs in chunks over several steps, and sequences decoding meanwhile get "
+                        "a token in each of those steps instead of waiting for the whole prompt; smaller = "
+                        "steadier decoding, larger = faster prompts; 0 = no budget, a forward always runs "
+                        f"whole (default {DEFAULT_TOKEN_BUDGET})")
 
 
 def engine_options(opts: argparse.Namespace) -> Any:
@@ -126,7 +140,8 @@ def start_runtime(opts: argparse.Namespace, built: Any, *, guest_output: Any, pr
     from pie_runtime.host.registry import Host, ServedModel
 
     limits = limits if limits is not None else tenant_limits(opts)
-    core = ServingCore(built.engine, policy=opts.batching, limits=limits).start()
+    core = ServingCore(built.engine, policy=opts.batching, token_budget=opts.token_budget or None,
+                       limits=limits).start()
     served = ServedModel(built.model.name, built.engine, core, QUEUE_AHEAD[opts.queue_ahead], opts.decode_run)
     host = Host([served], guest_output=guest_output, limits=limits)
     for program in programs:

@@ -7,6 +7,15 @@ of the ready forwards form the batch). The token budget and batch-size cap are
 applied on top of every policy, highest priority first. The engine thread only
 asks while the engine is idle.
 
+The token budget bounds the new tokens of one step, so one step's latency is
+bounded whatever arrives (chunked prefill): forwards that fit whole go first
+(decoders bring a token or a few each), then forwards too long for what is
+left get a chunk of it (`Ready.num_tokens` of the selected record says how
+many tokens it runs this step; the scheduler splits the forward, see
+`pie_runtime.chunking`). A long prompt therefore advances by about
+budget - decoders tokens per step while everyone decoding keeps getting a
+token per step.
+
 - "adaptive" (default): fire once the *cohort* is back, i.e. every queue that
   ran in the previous step has either issued its next forward or gone away;
   if a member is slow (the inferlet is busy elsewhere), fire anyway after one
@@ -26,6 +35,7 @@ asks while the engine is idle.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,6 +45,14 @@ POLICIES = ("adaptive", "greedy", "eager", "fixed-size", "fixed-timeout")
 # of `runtime.scheduling`) unless the operator says otherwise (`pie-run --decode-run`).
 # Why 8: benchmarks/RESULTS.md, inferlet_overhead.py.
 DEFAULT_DECODE_RUN = 8
+
+# New tokens per engine step unless the operator says otherwise (`--token-budget`).
+# Why 128: the smallest budget measured (benchmarks/mixed_load.py, RESULTS.md) at
+# which a 512- or 2048-token prompt among 15 decoders is answered no later than
+# with chunking off, on a 2-core CPU; the decoders' worst time per token fell to
+# 0.16x / 0.07x. An accelerator, where a step's cost grows slowly with its
+# tokens, would likely want more (not measured).
+DEFAULT_TOKEN_BUDGET = 128
 
 
 @dataclass(frozen=True)
@@ -62,7 +80,7 @@ class Pacing:
 @dataclass(frozen=True)
 class BatchPolicy:
     name: str = "adaptive"
-    token_budget: int | None = None  # max new tokens per step (None = no cap)
+    token_budget: int | None = None  # max new tokens per step; longer forwards run in chunks (None = no cap)
     max_batch: int | None = None  # max requests per step (None = no cap)
     fixed_batch_size: int = 8
     fixed_timeout_s: float = 0.010
@@ -107,34 +125,53 @@ class BatchPolicy:
             return 0.0
         return max(0.0, oldest + self.fixed_max_wait_s - now)
 
-    @property
-    def waits_for_whole_cohort(self) -> bool:
-        """Whether, with some of the last step's queues back, only the rest coming
-        back (or the wait running out) can make it fire: the adaptive policy
-        without a cap or budget that a partial cohort could already fill."""
-        return self.name == "adaptive" and self.max_batch is None and self.token_budget is None
+    def cohort_member_may_fire(self, num_tokens: int) -> bool:
+        """Whether a forward of `num_tokens` from one of the last step's queues,
+        with other members of that cohort still out, can make the policy fire
+        before the rest come back (or the wait runs out): under the adaptive
+        policy only if it fills a batch cap or, alone, the token budget. (A
+        cohort that fills the budget only together waits for its last member,
+        at most one step's latency.)"""
+        if self.name != "adaptive" or self.max_batch is not None:
+            return True
+        return self.token_budget is not None and num_tokens >= self.token_budget
 
     def _full(self, ready: Sequence[Ready]) -> bool:
-        """Waiting cannot grow the batch: the cap or the token budget is reached."""
+        """Waiting cannot grow the batch: the cap is reached, or forwards that fit
+        whole fill the token budget (a longer one is chunked to what they leave,
+        so one more decoder back still changes the batch)."""
         if self.max_batch is not None and len(ready) >= self.max_batch:
             return True
-        return self.token_budget is not None and sum(r.num_tokens for r in ready) >= self.token_budget
+        budget = self.token_budget
+        return budget is not None and sum(r.num_tokens for r in ready if r.num_tokens <= budget) >= budget
 
     def select(self, ready: Sequence[Ready]) -> list[Ready]:
-        """The batch: highest priority first, then oldest; the first always fits."""
+        """The batch: highest priority first, then oldest. Under a token budget,
+        the forwards that fit whole first (within a priority, the shortest
+        first), then a chunk of what is left for the first that does not (its
+        `num_tokens` cut to the chunk); a step always runs something."""
         ordered = sorted(ready, key=lambda r: (-r.priority, r.since, r.queue_id))
         cap = self.max_batch
         if self.name == "eager":
             cap = 1
         elif self.name == "fixed-size":
             cap = self.fixed_batch_size if cap is None else min(cap, self.fixed_batch_size)
-        chosen: list[Ready] = []
-        tokens = 0
+        if cap is None:
+            cap = len(ordered)
+        if self.token_budget is None:
+            return ordered[:cap]
+        left = self.token_budget
+        whole: list[Ready] = []
+        # Within a priority, short forwards first: a decoder's token never waits for a prompt's tail.
+        for r in sorted(ordered, key=lambda r: (-r.priority, r.num_tokens)):
+            if len(whole) < cap and r.num_tokens <= left:
+                whole.append(r)
+                left -= r.num_tokens
+        chunks: list[Ready] = []
         for r in ordered:
-            if cap is not None and len(chosen) >= cap:
+            if left == 0 or len(whole) + len(chunks) >= cap:
                 break
-            if chosen and self.token_budget is not None and tokens + r.num_tokens > self.token_budget:
-                continue  # a smaller, lower-priority request may still fit
-            chosen.append(r)
-            tokens += r.num_tokens
-        return chosen
+            if r not in whole:
+                chunks.append(dataclasses.replace(r, num_tokens=left))  # r.num_tokens > left
+                left = 0
+        return whole + chunks

@@ -12,6 +12,13 @@ enqueueing while the engine runs, and the futures are resolved, also with
 the lock released. If the engine still rejects a batch, its forwards run one
 by one, fully validated, so only the bad one fails.
 
+Under a token budget the policy may give a forward only a chunk of a step
+(chunked prefill, `pie_runtime.chunking`): the forward then stays at the head
+of its queue, and each turn runs its next chunk (made private and translated
+anew: pages may have been shared or swapped out meanwhile) until its last
+chunk settles its future with every chunk's results; a chunk that fails
+fails the forward.
+
 Released pages go back to the pool only while no step is in flight (see
 `flush_released`), so a page is never reused while a step writes into it.
 """
@@ -21,12 +28,14 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from engine_jax.batch import EngineInputError, ForwardRequest, OutputResult, Sample
+from engine_jax.batch import EngineInputError, ForwardRequest, OutputRequest, OutputResult, Sample
 
+from .chunking import Chunk, ChunkProgress, next_chunk
 from .commands import (
     CommandQueue,
     CopySlotsCmd,
@@ -43,9 +52,13 @@ from .limits import PageBounds
 from .pages import PageManager
 from .policies import BatchPolicy, Pacing, Ready
 from .pressure import Activity, MemoryArbiter, PageRequest
-from .stats import ServingStats, step_seconds_bucket
+from .stats import ServingStats, StepEntry, step_seconds_bucket
 
 log = logging.getLogger(__name__)
+
+
+# Steps the scheduler remembers (`Scheduler.step_log`): who ran how many tokens in each.
+STEP_LOG_LENGTH = 256
 
 
 @dataclass
@@ -54,6 +67,12 @@ class _Prepared:
     queue_id: int
     instance_id: str
     request: ForwardRequest
+    chunk: Chunk
+
+    @property
+    def final(self) -> bool:
+        """Whether this step runs the forward's last (or only) chunk."""
+        return self.chunk.end == len(self.cmd.tokens)
 
 
 class Scheduler:
@@ -68,6 +87,7 @@ class Scheduler:
         self.queues: dict[int, CommandQueue] = {}
         self.open_instances = 0
         self.stats = ServingStats()
+        self.step_log: deque[tuple[StepEntry, ...]] = deque(maxlen=STEP_LOG_LENGTH)
         self.arbiter = MemoryArbiter(engine, pages, bounds, self.stats, self.flush_released, idle_victim_s)
         self._activity = Activity(self._priority, self._idle_since, self._has_work)
         self._last_active: dict[str, float] = {}  # instance -> when it last pushed or ran a command
@@ -129,8 +149,8 @@ class Scheduler:
         self._last_active[queue.instance_id] = time.monotonic()
         if queue.head() is not cmd:
             return  # the engine thread only looks at heads: one behind cannot change its decision
-        if (self._bounded_wait and self.policy.waits_for_whole_cohort and isinstance(cmd, ForwardCmd)
-                and queue.id in self._awaited and len(self._awaited) > 1):
+        if (self._bounded_wait and isinstance(cmd, ForwardCmd) and queue.id in self._awaited
+                and len(self._awaited) > 1 and not self.policy.cohort_member_may_fire(len(cmd.tokens))):
             self._awaited.discard(queue.id)
             return
         self.cv.notify_all()
@@ -262,7 +282,7 @@ class Scheduler:
                 self._bounded_wait = False
             return
         chosen = self.policy.select(ready)
-        prepared = [p for p in (self._prepare(r.queue_id) for r in chosen) if p is not None]
+        prepared = [p for p in (self._prepare(r.queue_id, r.num_tokens) for r in chosen) if p is not None]
         if prepared:
             self._step(prepared)
         else:
@@ -286,7 +306,7 @@ class Scheduler:
         for queue in self.queues.values():
             head = queue.head()
             if isinstance(head, ForwardCmd) and self._runnable(queue):
-                ready.append(Ready(queue.id, queue.instance_id, queue.priority, len(head.tokens), queue.head_since))
+                ready.append(Ready(queue.id, queue.instance_id, queue.priority, head.remaining(), queue.head_since))
         return ready
 
     def _run_plain_commands(self) -> None:
@@ -390,47 +410,52 @@ class Scheduler:
             self.stats.pages_copied_on_write += 1
         return after
 
-    def _prepare(self, queue_id: int) -> _Prepared | None:
-        """Pops the queue's head forward, makes the pages it writes private and
-        translates it; a forward that cannot run fails here, alone. One whose
-        copy-on-write copies the pool cannot give now stays at the head and
-        its queue waits for them (None)."""
+    def _prepare(self, queue_id: int, limit: int) -> _Prepared | None:
+        """Takes the next chunk of the queue's head forward (all of it unless
+        `limit`, the tokens the policy gave it, is less), makes the pages it
+        writes private and translates it; a forward that cannot run fails here,
+        alone. One whose copy-on-write copies the pool cannot give now stays
+        at the head and its queue waits for them (None). The head is popped
+        with its last chunk."""
         queue = self.queues[queue_id]
-        head = queue.head()
-        assert isinstance(head, ForwardCmd)
-        written = [head.pages[i] for i in _written_pages(head, self.pages.page_size)]
+        cmd = queue.head()
+        assert isinstance(cmd, ForwardCmd)
+        chunk = next_chunk(cmd, limit, self.pages.page_size)
+        written = chunk.written_pages(self.pages.page_size)
         if not self._memory_for(queue, written):
             return None
-        cmd = queue.pop()
-        assert cmd is head
-        if queue.closed and queue.drained():
-            del self.queues[queue_id]
+        if chunk.end == len(cmd.tokens):
+            self._take_head(queue)
         inst = queue.instance_id
         if queue.deferred_error is not None:
             error, queue.deferred_error = queue.deferred_error, None
             self._fail(cmd, error, queue)
             return None
-        tokens = cmd.tokens
-        if cmd.feeds_previous:
-            drawn, queue.last_drawn = queue.last_drawn, None
-            if drawn is None:
-                self._fail(cmd, PieError.invalid(
-                    "feed-previous: the previous forward on this queue drew no token (or failed)"), queue)
-                return None
-            tokens = (drawn,) + tokens[1:]
+        if cmd.progress is not None:
+            tokens = cmd.progress.tokens
+        else:
+            tokens = cmd.tokens
+            if cmd.feeds_previous:
+                drawn, queue.last_drawn = queue.last_drawn, None
+                if drawn is None:
+                    self._fail(cmd, PieError.invalid(
+                        "feed-previous: the previous forward on this queue drew no token (or failed)"), queue)
+                    return None
+                tokens = (drawn,) + tokens[1:]
+        whole = chunk.whole(cmd)
         try:
             for vid in written:
                 self._exclusive(inst, vid)
-            physical = [self.pages.physical(inst, vid) for vid in cmd.pages]
+            physical = [self.pages.physical(inst, vid) for vid in chunk.pages]
             # Queue.forward validated the command at enqueue; since then only
             # copy-on-write can have remapped its pages (to fresh private ones).
             request = ForwardRequest(
-                tokens=tokens,
-                positions=cmd.positions,
+                tokens=tokens if whole else tokens[chunk.start:chunk.end],
+                positions=cmd.positions if whole else cmd.positions[chunk.start:chunk.end],
                 pages=physical,
-                last_page_len=cmd.last_page_len,
-                mask=cmd.mask,
-                outputs=cmd.outputs,
+                last_page_len=chunk.last_page_len,
+                mask=chunk.mask,
+                outputs=chunk.outputs,
             )
         except PieError as exc:
             self._fail(cmd, exc, queue)
@@ -442,11 +467,23 @@ class Scheduler:
             log.exception("preparing a forward failed")
             self._fail(cmd, PieError.internal(f"preparing the forward failed: {exc!r}"), queue)
             return None
-        return _Prepared(cmd, queue_id, inst, request)
+        if not whole and cmd.progress is None:
+            cmd.progress = ChunkProgress(tokens)
+        return _Prepared(cmd, queue_id, inst, request, chunk)
 
-    def _fail(self, cmd: ForwardCmd, error: PieError, queue: CommandQueue) -> None:
+    def _take_head(self, queue: CommandQueue) -> None:
+        """Pops the queue's head; a closed queue goes away once drained."""
+        queue.pop()
+        if queue.closed and queue.drained():
+            self.queues.pop(queue.id, None)
+
+    def _fail(self, cmd: ForwardCmd, error: PieError, queue: CommandQueue | None) -> None:
+        """Fails a forward as a whole (also one that has run some chunks: it leaves its queue)."""
         self.stats.forwards_failed += 1
-        queue.last_drawn = None
+        if queue is not None:
+            queue.last_drawn = None
+            if queue.head() is cmd:
+                self._take_head(queue)
         self._deferred.append((cmd.future, None, error))
 
     def _step(self, batch: list[_Prepared]) -> None:
@@ -476,25 +513,44 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.batch_requests[len(batch)] += 1
         self.stats.batch_tokens[sum(len(p.request.tokens) for p in batch)] += 1
+        self.step_log.append(tuple(StepEntry(p.instance_id, p.queue_id, len(p.request.tokens),
+                                             None if p.chunk.whole(p.cmd) else (p.chunk.start, p.chunk.end))
+                                   for p in batch))
         for prepared, (result, error) in zip(batch, outcome):
-            queue = self.queues.get(prepared.queue_id)
-            if queue is not None:  # what a feed-previous pass queued behind this one will be fed
-                queue.last_drawn = _last_drawn(prepared.request, result) if error is None else None
-            if error is not None:
-                self.stats.forwards_failed += 1
-                continue
-            self.stats.forwards_completed += 1
-            self.stats.tokens_processed += len(prepared.request.tokens)
-            self.stats.tokens_generated += sum(isinstance(o, Sample) for o in prepared.request.outputs)
+            self._record(prepared, result, error)
         # Resolve with the lock released: a waiting instance thread can enqueue
         # its next command at once, and a done-callback that calls back into
         # the core cannot deadlock on it.
+        deferred, self._deferred = self._deferred, []
         self.cv.release()
         try:
-            for prepared, (result, error) in zip(batch, outcome):
-                settle(prepared.cmd.future, result, error)
+            for future, result, error in deferred:
+                settle(future, result, error)
         finally:
             self.cv.acquire()
+
+    def _record(self, prepared: _Prepared, result: list[OutputResult] | None, error: PieError | None) -> None:
+        """Takes in one request's share of a step: counts it, keeps a chunk's results,
+        and queues the forward's future to settle once its last chunk ran (or one failed)."""
+        cmd, chunk = prepared.cmd, prepared.chunk
+        queue = self.queues.get(prepared.queue_id)  # None: closed (its futures failed already)
+        if error is not None:
+            self._fail(cmd, error, queue)
+            return
+        self.stats.tokens_processed += chunk.end - chunk.start
+        self.stats.tokens_generated += sum(isinstance(o, Sample) for o in chunk.outputs)
+        progress = cmd.progress
+        if progress is not None:
+            self.stats.prefill_chunks += 1
+            progress.add(chunk, result)
+            if not prepared.final:
+                return
+            self.stats.forwards_split += 1
+            result = progress.results_in_order(len(cmd.outputs))
+        self.stats.forwards_completed += 1
+        if queue is not None:  # what a feed-previous pass queued behind this one will be fed
+            queue.last_drawn = _last_drawn(cmd.outputs, result)
+        self._deferred.append((cmd.future, result, None))
 
     def _run_engine(
         self, batch: list[_Prepared]
@@ -526,17 +582,9 @@ class Scheduler:
             return [(None, PieError.internal(f"engine step failed: {exc!r}"))]
 
 
-def _written_pages(cmd: ForwardCmd, page_size: int) -> range:
-    """Indices into `cmd.pages` of the pages its new tokens' K/V go to."""
-    if not cmd.tokens:
-        return range(0)
-    seq_len = (len(cmd.pages) - 1) * page_size + cmd.last_page_len
-    return range((seq_len - len(cmd.tokens)) // page_size, (seq_len - 1) // page_size + 1)
-
-
-def _last_drawn(request: ForwardRequest, results: list[OutputResult]) -> int | None:
-    """The token of the request's last sample output, if it has one."""
-    for out, result in zip(reversed(request.outputs), reversed(results)):
+def _last_drawn(outputs: Sequence[OutputRequest], results: list[OutputResult]) -> int | None:
+    """The token of the forward's last sample output, if it has one."""
+    for out, result in zip(reversed(outputs), reversed(results)):
         if isinstance(out, Sample):
             return int(result)
     return None

@@ -24,15 +24,16 @@ from .pages import PageManager
 from .policies import BatchPolicy
 from .queues import Queue, check_u32
 from .scheduler import Scheduler
-from .stats import ServingStats
+from .stats import ServingStats, StepEntry
 
 
 class ServingCore:
     """Serves many inferlet instances on one engine.
 
     `policy` is one of `policies.POLICIES` ("adaptive" by default);
-    `token_budget` caps new tokens per step and `max_batch` requests per step
-    (None = no cap); the `fixed_*` arguments tune the fixed-size and
+    `token_budget` caps new tokens per step, splitting longer forwards into
+    chunks over several steps (chunked prefill), and `max_batch` caps
+    requests per step (None = no cap); the `fixed_*` arguments tune the fixed-size and
     fixed-timeout policies, `adaptive_max_wait_ms` the adaptive one.
     `limits` bounds the KV pages of each instance and namespace (see
     `pie_runtime.limits`); under memory pressure allocations wait and
@@ -162,6 +163,12 @@ class ServingCore:
             stats = self._scheduler.stats.copy()
             stats.paused_seconds = self._scheduler.arbiter.paused_seconds()
             return stats
+
+    def recent_steps(self) -> list[tuple[StepEntry, ...]]:
+        """The last engine steps (at most `scheduler.STEP_LOG_LENGTH`), oldest first:
+        who ran how many new tokens in each, and which chunk of a split forward."""
+        with self._cv:
+            return list(self._scheduler.step_log)
 
     def instance_pages(self, instance_id: str) -> tuple[int, int]:
         """(pages it holds now, the most it held at once), resident or swapped

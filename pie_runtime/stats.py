@@ -19,6 +19,9 @@ class ServingStats:
     tokens_generated: int = 0  # tokens drawn by Sample outputs
     forwards_completed: int = 0
     forwards_failed: int = 0
+    # Chunked prefill (a token budget): forwards that ran over several steps, and their chunks.
+    forwards_split: int = 0
+    prefill_chunks: int = 0
     pages_copied_on_write: int = 0
     engine_seconds: float = 0.0  # wall time spent inside engine steps
     # Step wall times as a histogram: upper bound (STEP_SECONDS_BUCKETS, then inf) -> steps.
@@ -43,6 +46,16 @@ class ServingStats:
     def copy(self) -> "ServingStats":
         return dataclasses.replace(self, batch_requests=Counter(self.batch_requests),
                                    batch_tokens=Counter(self.batch_tokens), step_seconds=Counter(self.step_seconds))
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One request's share of an engine step (`ServingCore.recent_steps`)."""
+
+    instance_id: str
+    queue_id: int
+    tokens: int  # new tokens it ran in the step
+    chunk: tuple[int, int] | None  # (start, end) among its forward's tokens if the forward was split
 
 
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -88,6 +88,9 @@ def _engine_metrics(stats: Any) -> Iterator[Any]:
     failed = CounterMetricFamily("pie_forwards_failed", "forward passes that failed")
     failed.add_metric([], stats.forwards_failed)
     yield failed
+    chunks = CounterMetricFamily("pie_prefill_chunks", "chunks run of forwards split by the token budget")
+    chunks.add_metric([], stats.prefill_chunks)
+    yield chunks
 
 
 def _histogram(name: str, documentation: str, counts: Counter, bounds: tuple, total: float) -> HistogramMetricFamily:

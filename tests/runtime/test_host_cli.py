@@ -208,8 +208,9 @@ STOP_AND_GO = REPO / "tests" / "runtime" / "guests" / "stop_and_go.py"
 @pytest.mark.parametrize("options", [("--queue-ahead", "off", "--decode-run", "1"),
                                      ("--queue-ahead", "off", "--decode-run", "3"),
                                      ("--queue-ahead", "on", "--decode-run", "1"),
-                                     ("--queue-ahead", "on", "--decode-run", "3")],
-                         ids=["per-token", "runs-of-3", "ahead-per-token", "ahead-runs-of-3"])
+                                     ("--queue-ahead", "on", "--decode-run", "3"),
+                                     ("--queue-ahead", "on", "--decode-run", "3", "--token-budget", "2")],
+                         ids=["per-token", "runs-of-3", "ahead-per-token", "ahead-runs-of-3", "chunked-prefill"])
 def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llama_dir, tiny_llama_model,
                                                                        options):
     """generate() stopped by a stop token, then continued: the passes a run
@@ -233,3 +234,5 @@ def test_generation_that_stops_early_continues_from_exactly_its_tokens(tiny_llam
     assert r["first_reason"] == "eos" and r["first"] == expected[:k]
     assert r["second"] == expected[k + 1:k + 5]
     assert r["kv_len"] == len(ids) + k + 1 + 3 and r["pending"] == 1
+    if "--token-budget" in options:  # the prompt really ran in chunks, unseen by the inferlet
+        assert "chunked prefill: " in err, err

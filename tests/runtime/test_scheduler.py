@@ -82,7 +82,7 @@ def test_fixed_timeout_waits_from_the_oldest_ready_forward():
     assert len(p.select(r)) == 2
 
 
-def test_token_budget_prefers_higher_priority_and_lets_small_requests_fill_in():
+def test_token_budget_prefers_higher_priority_lets_small_requests_fill_in_and_chunks_the_rest():
     p = BatchPolicy("adaptive", token_budget=10)
     r = [
         ready(0, priority=0, tokens=4, since=0.0),
@@ -92,8 +92,24 @@ def test_token_budget_prefers_higher_priority_and_lets_small_requests_fill_in():
     ]
     # priority 5 (8 tokens) first; 6 and 4 do not fit; 2 does.
     assert [x.queue_id for x in p.select(r)] == [1, 3]
-    # A request larger than the whole budget still runs, alone.
-    assert [x.queue_id for x in p.select([ready(7, tokens=50)])] == [7]
+    # A request larger than the whole budget runs a chunk of it, alone.
+    assert p.select([ready(7, tokens=50)]) == [ready(7, tokens=10)]
+    # What requests that fit whole leave goes to the first one that does not (a chunk).
+    assert p.select([ready(7, tokens=50), ready(8, tokens=1, since=1.0)]) == [ready(8, tokens=1, since=1.0),
+                                                                              ready(7, tokens=9)]
+
+
+def test_adaptive_under_a_budget_waits_for_decoders_before_a_chunk():
+    p = BatchPolicy("adaptive", token_budget=8, adaptive_max_wait_s=1.0)
+    pacing = Pacing(awaited=2, last_step_end=10.0, last_step_latency=0.1)
+    # A long prompt alone more than fills the budget, but decoders coming back would share the step.
+    assert p.wait_time([ready(0, tokens=100, since=9.0)], 10.01, pacing) == pytest.approx(0.09)
+    # Forwards that fit whole and fill the budget: waiting cannot change the batch.
+    assert p.wait_time([ready(i, tokens=4) for i in range(2)], 10.01, pacing) == 0.0
+    # So a returning cohort member wakes the engine thread only if it fills the budget alone.
+    assert not p.cohort_member_may_fire(1) and p.cohort_member_may_fire(8)
+    assert not BatchPolicy("adaptive").cohort_member_may_fire(10**6)
+    assert BatchPolicy("greedy").cohort_member_may_fire(1)
 
 
 def test_max_batch_caps_requests():
@@ -110,7 +126,7 @@ def test_bad_policy_arguments_are_rejected():
 # ---------------------------------------------------------------- the engine thread
 class RecordingEngine:
     """Records every engine call in order; a step can be held open by the test.
-    Sample outputs return the request's last token + 1000 so results are traceable."""
+    Each output returns the token at its index + 1000 so results are traceable."""
 
     def __init__(self, num_pages: int = 32) -> None:
         self.page_size = PAGE_SIZE
@@ -121,6 +137,7 @@ class RecordingEngine:
         self.gate.set()
         self.in_step = threading.Event()
         self.fail_next_step: Exception | None = None
+        self.step_seconds = 0.0  # how long each step takes (its latency, which the adaptive policy paces by)
 
     def validate(self, req, check_pages: bool = True) -> None:
         if -1 in req.tokens:
@@ -133,6 +150,7 @@ class RecordingEngine:
     def step(self, requests, validated: bool = False):
         self.in_step.set()
         self.gate.wait(10)
+        time.sleep(self.step_seconds)
         self.in_step.clear()
         if self.fail_next_step is not None:
             exc, self.fail_next_step = self.fail_next_step, None
@@ -142,7 +160,7 @@ class RecordingEngine:
         self.batches.append([tuple(r.tokens) for r in requests])
         for r in requests:
             self.log.append(("forward", tuple(r.tokens), tuple(r.pages)))
-        return [[r.tokens[-1] + 1000 for o in r.outputs] for r in requests]
+        return [[r.tokens[o.index] + 1000 for o in r.outputs] for r in requests]
 
     def copy_slots(self, *args) -> None:
         self.log.append(("copy_slots", *args))

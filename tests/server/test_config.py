@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pie_runtime.server.cli import main
+from pie_runtime.policies import DEFAULT_TOKEN_BUDGET
 from pie_runtime.server.config import ConfigError, parse_settings
 
 
@@ -19,6 +20,7 @@ port = 9001
 [engine]
 kv-pages = 300
 page_size = 8
+token-budget = 64
 tensor-parallel = 2
 data_parallel = 2
 [runtime]
@@ -29,6 +31,7 @@ namespace-pages = 100
 """)
     s = parse_settings(["--config", config, "--kv-pages", "100"])
     assert (s.port, s.kv_pages, s.page_size, s.max_tenant_instances) == (9001, 100, 8, 3)
+    assert s.token_budget == 64 and parse_settings([]).token_budget == DEFAULT_TOKEN_BUDGET
     assert (s.tensor_parallel, s.data_parallel, s.num_processes) == (2, 2, 1)
     assert s.programs == ["a=a.wasm", "b=b.py"]
     assert s.limit_namespace_pages == 100  # a tenant limit, read like its flag --namespace-pages
@@ -45,6 +48,7 @@ namespace-pages = 100
     ("port = ", ["not valid TOML"]),
     ("[engine]\nnum-processes = 2", ["--num-processes > 1 needs --coordinator"]),
     ("[engine]\ntensor-parallel = 0", ["[engine] tensor-parallel", "positive"]),
+    ("token-budget = -1", ["token-budget", "0 or more"]),
 ])
 def test_bad_config_files_name_the_setting(tmp_path, text, words):
     with pytest.raises(ConfigError) as e:
@@ -72,5 +76,6 @@ def test_help_explains_the_endpoints(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for words in ("--config", "--auth", "--drain-seconds", "/v1/chat/completions", "/metrics", "--expose",
-                  "--tensor-parallel", "--data-parallel", "--coordinator", "--process-id"):
+                  "--tensor-parallel", "--data-parallel", "--coordinator", "--process-id",
+                  "--token-budget", "chunks"):
         assert words in out
