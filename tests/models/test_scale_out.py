@@ -136,3 +136,23 @@ def test_data_parallel_places_instances_and_refuses_cross_replica_pages(report):
     assert "live on data-parallel replicas [0, 1]" in out["cross_copy_error"]
     assert out["importer_replica"] == [0]  # an instance whose first pages are imported joins the export
     assert out["importer_continues_like_exporter"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_int8_weights_shard_with_their_scales(report, family):
+    """--weights int8 at TP=4 gives one device's log-probs (within 1e-4) and greedy token; a
+    column-split projection (w_qkv, by KV head) splits its scales with its values, a row-split one
+    (w_down) keeps whole scales on every device."""
+    int8 = report["int8"][family]
+    assert int8["logits"] < TOLERANCE, int8
+    assert int8["tokens"][0] == int8["tokens"][1]
+    shards, whole = int8["shards"], int8["shapes"]
+    assert len(shards["w_qkv.values"]) == 4
+    hidden, kv_heads, group, head_dim = whole["w_qkv.values"]
+    assert whole["w_qkv.scale"] == [1, kv_heads, group, head_dim]
+    layout_kv = max(kv_heads, 4) // 4  # KV heads per device (repeated when fewer than devices)
+    assert all(s == [hidden, layout_kv, group, head_dim] for s in shards["w_qkv.values"]), shards
+    assert all(s == [1, layout_kv, group, head_dim] for s in shards["w_qkv.scale"]), shards
+    inter, hidden_out = whole["w_down.values"]
+    assert all(s == [inter // 4, hidden_out] for s in shards["w_down.values"]), shards
+    assert all(s == [1, hidden_out] for s in shards["w_down.scale"]), shards

@@ -1,0 +1,130 @@
+"""Weight-only int8: the big matrices stored as int8 with one float32 scale per output channel.
+
+``--weights int8`` (``engine_jax.options``) quantises, at load time, every layer's projections
+(``QUANTIZED_LAYER_FIELDS``: fused q/k/v, o, fused gate/up, down) and the embedding / LM head,
+symmetrically: ``w ~= values * scale`` with ``values = round(w / scale)`` in [-127, 127] and
+``scale = max|w| / 127`` over the input (contracted) dimensions of each output channel. Weights
+take a quarter of their float32 bytes (half of bfloat16's) plus one scale per channel.
+
+Activations stay in the model's dtype. A dot converts the int8 values to it and scales the
+*output* (a per-output-channel scale commutes with the contraction): inside the jitted step XLA
+fuses the convert into the dot's operand on GPU/TPU, so the weights are read from memory as int8.
+XLA:CPU does not fuse it (the convert runs as its own pass over the weights), so on a CPU the
+option saves memory but decodes slower than float32 (benchmarks/RESULTS.md).
+
+A scale keeps its weight's rank with the input dimensions collapsed to 1 (``[1, out...]`` for a
+``[in, out...]`` projection, ``[vocab, 1]`` for the embedding), so it broadcasts against the
+dot's output as it is, and ``engine_jax.sharding`` splits it exactly like the weight's output
+dimensions (``scale_axes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+QUANTIZED_LAYER_FIELDS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # [in, out...] in both families
+_QMAX = 127.0
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An int8 weight and its per-output-channel scales, standing in for a ``dtype`` matrix."""
+
+    values: jax.Array  # int8, the weight's shape
+    scale: jax.Array  # float32, the weight's shape with the input dimensions 1
+    dtype: Any  # the activations' dtype (what the weight stands in for); static
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes) + int(self.scale.nbytes)
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scale"], meta_fields=["dtype"])
+
+
+def quantize(weight: Any, input_axes: Sequence[int], dtype: Any = None) -> QuantizedWeight:
+    """``weight`` as int8 with a symmetric scale per output channel (``input_axes`` are the
+    contracted ones); ``dtype`` (default the weight's) is what the dots compute in. numpy or
+    jax in (also inside jit), jax out."""
+    w = jnp.asarray(weight).astype(jnp.float32)
+    dtype = jnp.dtype(dtype or weight.dtype)
+    absmax = jnp.max(jnp.abs(w), axis=tuple(input_axes), keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
+    values = jnp.clip(jnp.round(w / scale), -_QMAX, _QMAX).astype(jnp.int8)
+    return QuantizedWeight(values=values, scale=scale, dtype=dtype)
+
+
+def dequantize(weight: QuantizedWeight) -> jax.Array:
+    """The float matrix a quantised weight stands for (for tests and error estimates)."""
+    return (weight.values.astype(jnp.float32) * weight.scale).astype(weight.dtype)
+
+
+def quantize_layer(layer: Any) -> Any:
+    """A layer params dataclass with its projections (``QUANTIZED_LAYER_FIELDS``, ``[in, out...]``) int8."""
+    return dataclasses.replace(layer, **{name: quantize(getattr(layer, name), (0,))
+                                         for name in QUANTIZED_LAYER_FIELDS})
+
+
+def quantize_head(params: Any) -> Any:
+    """A params tree with its embedding ``[vocab, hidden]`` (scale per vocabulary row: as the tied
+    LM head's output channel and as the lookup's row) and LM head ``[hidden, vocab]`` int8."""
+    head = None if params.lm_head is None else quantize(params.lm_head, (0,))
+    return dataclasses.replace(params, embed=quantize(params.embed, (1,)), lm_head=head)
+
+
+def einsum(subscripts: str, x: jax.Array, weight: Any) -> jax.Array:
+    """``jnp.einsum(subscripts, x, weight)`` for ``weight`` [in, out...] float or quantised (the
+    output's trailing dimensions must be the weight's output dimensions, as in every projection)."""
+    if not isinstance(weight, QuantizedWeight):
+        return jnp.einsum(subscripts, x, weight)
+    out = jnp.einsum(subscripts, x, weight.values.astype(x.dtype))
+    return (out * weight.scale.reshape(weight.scale.shape[1:])).astype(x.dtype)
+
+
+def matmul(x: jax.Array, weight: Any) -> jax.Array:
+    """``x @ weight`` for ``weight`` [in, out] float or quantised."""
+    if not isinstance(weight, QuantizedWeight):
+        return x @ weight
+    return ((x @ weight.values.astype(x.dtype)) * weight.scale).astype(x.dtype)
+
+
+def matmul_transposed(x: jax.Array, weight: Any) -> jax.Array:
+    """``x @ weight.T`` for ``weight`` [out, in] (a tied embedding as the LM head)."""
+    if not isinstance(weight, QuantizedWeight):
+        return x @ weight.T
+    return ((x @ weight.values.T.astype(x.dtype)) * weight.scale.T).astype(x.dtype)
+
+
+def take_rows(weight: Any, rows: jax.Array) -> jax.Array:
+    """``weight[rows]`` (an embedding lookup), in the weight's stand-in dtype."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight[rows]
+    return (weight.values[rows].astype(jnp.float32) * weight.scale[rows]).astype(weight.dtype)
+
+
+def transposed_copy(weight: Any) -> Any:
+    """A contiguous transposed copy of a 2-D weight (float or quantised)."""
+    if not isinstance(weight, QuantizedWeight):
+        return jnp.transpose(weight).copy()
+    return QuantizedWeight(jnp.transpose(weight.values).copy(), jnp.transpose(weight.scale), weight.dtype)
+
+
+def scale_axes(weight: QuantizedWeight, axes: Sequence[str | None]) -> tuple[str | None, ...]:
+    """The logical axes of ``weight.scale`` given the weight's: the output ones, None where collapsed."""
+    if not axes:
+        return ()
+    return tuple(a if s == v else None for a, s, v in zip(axes, weight.scale.shape, weight.values.shape))
+
+
+def weight_bytes(params: Any) -> int:
+    """Bytes of every array in a params tree (int8 values and their scales counted as stored)."""
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(params))
