@@ -21,14 +21,17 @@ dimensions (``scale_axes``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 QUANTIZED_LAYER_FIELDS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # [in, out...] in both families
 _QMAX = 127.0
+_CHUNK_BYTES = 64 * 1024 * 1024  # host arrays larger than this are quantised in slices
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,24 @@ def quantize(weight: Any, input_axes: Sequence[int], dtype: Any = None) -> Quant
     """``weight`` as int8 with a symmetric scale per output channel (``input_axes`` are the
     contracted ones); ``dtype`` (default the weight's) is what the dots compute in. numpy or
     jax in (also inside jit), jax out."""
-    w = jnp.asarray(weight).astype(jnp.float32)
-    dtype = jnp.dtype(dtype or weight.dtype)
-    absmax = jnp.max(jnp.abs(w), axis=tuple(input_axes), keepdims=True)
+    input_axes, dtype = tuple(input_axes), jnp.dtype(dtype or weight.dtype)
+    if isinstance(weight, np.ndarray) and weight.nbytes > _CHUNK_BYTES:
+        # A large host array (Gemma 3's 262k-token embedding) goes to the device a slice of
+        # output channels at a time: no float copy of it beside the source.
+        axis = next(a for a in range(weight.ndim) if a not in input_axes)
+        step = max(1, weight.shape[axis] * _CHUNK_BYTES // weight.nbytes)
+        parts = [_quantize(np.take(weight, np.arange(i, min(i + step, weight.shape[axis])), axis=axis),
+                           input_axes, dtype) for i in range(0, weight.shape[axis], step)]
+        return QuantizedWeight(values=jnp.concatenate([p.values for p in parts], axis=axis),
+                               scale=jnp.concatenate([p.scale for p in parts], axis=axis), dtype=dtype)
+    return _quantize(weight, input_axes, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize(weight: Any, input_axes: tuple[int, ...], dtype: Any) -> QuantizedWeight:
+    # jitted: one fused pass, no full-size temporaries (a large embedding is quantised on load)
+    w = weight.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(w), axis=input_axes, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
     values = jnp.clip(jnp.round(w / scale), -_QMAX, _QMAX).astype(jnp.int8)
     return QuantizedWeight(values=values, scale=scale, dtype=dtype)
