@@ -228,11 +228,7 @@ def restore_converted(directory: str | Path,
     """
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    info = read_info(directory)
-    config = _read_config(directory)
-    tokenizer = Tokenizer.from_directory(directory)
-    tree_path = _tree_path(directory, info)
+    config, tokenizer, info, tree_path = _open(directory)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             target = None
@@ -251,11 +247,7 @@ def open_converted(directory: str | Path) -> ConvertedModel:
     loader that builds the model layer by layer never holds the whole checkpoint on the host."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    info = read_info(directory)
-    config = _read_config(directory)
-    tokenizer = Tokenizer.from_directory(directory)
-    tree_path = _tree_path(directory, info)
+    config, tokenizer, info, tree_path = _open(directory)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             stored = checkpointer.metadata(tree_path).item_metadata.tree
@@ -306,6 +298,13 @@ def _group(name: str) -> str:
     """Tensors restored together: a layer's (``...layers.3.``), else each alone."""
     match = _LAYER_PREFIX.match(name)
     return match.group(0) if match else name
+
+
+def _open(directory: str | Path) -> tuple[dict[str, Any], Tokenizer, dict[str, Any], Path]:
+    """A converted model's config, tokenizer, info record and the path of its orbax tree."""
+    directory = Path(directory).absolute()
+    info = read_info(directory)
+    return _read_config(directory), Tokenizer.from_directory(directory), info, _tree_path(directory, info)
 
 
 def _tree_path(directory: Path, info: Mapping[str, Any]) -> Path:

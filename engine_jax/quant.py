@@ -9,8 +9,9 @@ take a quarter of their float32 bytes (half of bfloat16's) plus one scale per ch
 Activations stay in the model's dtype. A dot converts the int8 values to it and scales the
 *output* (a per-output-channel scale commutes with the contraction): inside the jitted step XLA
 fuses the convert into the dot's operand on GPU/TPU, so the weights are read from memory as int8.
-XLA:CPU does not fuse it (the convert runs as its own pass over the weights), so on a CPU the
-option saves memory but decodes slower than float32 (benchmarks/RESULTS.md).
+XLA:CPU handles a convert feeding a dot badly (``_blocked_dots``), so on one CPU device the
+dots run over blocks of output columns; even so the option saves memory there, not time
+(benchmarks/RESULTS.md).
 
 A scale keeps its weight's rank with the input dimensions collapsed to 1 (``[1, out...]`` for a
 ``[in, out...]`` projection, ``[vocab, 1]`` for the embedding), so it broadcasts against the
@@ -32,6 +33,7 @@ import numpy as np
 QUANTIZED_LAYER_FIELDS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # [in, out...] in both families
 _QMAX = 127.0
 _CHUNK_BYTES = 64 * 1024 * 1024  # host arrays larger than this are quantised in slices
+_BLOCK_COLUMNS = 512  # output columns per block of an int8 dot on CPU (_blocked_dots)
 
 
 @dataclass(frozen=True)
@@ -100,19 +102,51 @@ def quantize_head(params: Any) -> Any:
 
 
 def einsum(subscripts: str, x: jax.Array, weight: Any) -> jax.Array:
-    """``jnp.einsum(subscripts, x, weight)`` for ``weight`` [in, out...] float or quantised (the
-    output's trailing dimensions must be the weight's output dimensions, as in every projection)."""
+    """``jnp.einsum(subscripts, x, weight)`` for ``x [T, in]`` and ``weight [in, out...]``, float or
+    quantised (a projection: the output is ``[T, out...]``)."""
     if not isinstance(weight, QuantizedWeight):
         return jnp.einsum(subscripts, x, weight)
+    if _blocked_dots():
+        return matmul(x, weight)
     out = jnp.einsum(subscripts, x, weight.values.astype(x.dtype))
     return (out * weight.scale.reshape(weight.scale.shape[1:])).astype(x.dtype)
 
 
 def matmul(x: jax.Array, weight: Any) -> jax.Array:
-    """``x @ weight`` for ``weight`` [in, out] float or quantised."""
+    """``x [T, in] @ weight [in, out...]`` (output ``[T, out...]``) for a float or quantised weight."""
     if not isinstance(weight, QuantizedWeight):
         return x @ weight
+    if _blocked_dots():
+        return _blocked_matmul(x, weight)
     return ((x @ weight.values.astype(x.dtype)) * weight.scale).astype(x.dtype)
+
+
+def _blocked_dots() -> bool:
+    """Whether to multiply by int8 weights a block of output columns at a time: on one CPU device.
+
+    XLA:CPU either fuses the int8->float convert into the dot as a naive loop or materialises
+    the converted weight in a fresh buffer every step (page faults): both ~15x slower than float32
+    for SmolLM2's [576, 49152] head. Converting and multiplying ~512 columns at a time in a loop
+    runs near float32's speed (benchmarks/RESULTS.md). Not where weights may be sharded: a loop
+    over a split dimension would make GSPMD gather it; not on GPU/TPU, where the convert fuses.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _blocked_matmul(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
+    """``x [T, in]`` times a quantised ``[in, out...]`` weight, ``_BLOCK_COLUMNS``-ish columns at a time."""
+    values = weight.values.reshape(weight.values.shape[0], -1)
+    scale = weight.scale.reshape(1, -1)
+    columns = values.shape[1]
+    blocks = next(n for n in range(max(1, columns // _BLOCK_COLUMNS), columns + 1) if columns % n == 0)
+    width = columns // blocks
+
+    def block(i: jax.Array, out: jax.Array) -> jax.Array:
+        part = jax.lax.dynamic_slice_in_dim(values, i * width, width, axis=1).astype(x.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, x @ part, i * width, axis=1)
+
+    out = jax.lax.fori_loop(0, blocks, block, jnp.zeros((x.shape[0], columns), x.dtype))
+    return (out * scale).astype(x.dtype).reshape((x.shape[0],) + weight.values.shape[1:])
 
 
 def matmul_transposed(x: jax.Array, weight: Any) -> jax.Array:
