@@ -33,7 +33,7 @@ import numpy as np
 QUANTIZED_LAYER_FIELDS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # [in, out...] in both families
 _QMAX = 127.0
 _CHUNK_BYTES = 64 * 1024 * 1024  # host arrays larger than this are quantised in slices
-_BLOCK_COLUMNS = 512  # output columns per block of an int8 dot on CPU (_blocked_dots)
+_BLOCK_BYTES = 1024 * 1024  # converted weight per block of an int8 dot on CPU (_blocked_dots)
 
 
 @dataclass(frozen=True)
@@ -124,21 +124,24 @@ def matmul(x: jax.Array, weight: Any) -> jax.Array:
 def _blocked_dots() -> bool:
     """Whether to multiply by int8 weights a block of output columns at a time: on one CPU device.
 
-    XLA:CPU either fuses the int8->float convert into the dot as a naive loop or materialises
-    the converted weight in a fresh buffer every step (page faults): both ~15x slower than float32
-    for SmolLM2's [576, 49152] head. Converting and multiplying ~512 columns at a time in a loop
-    runs near float32's speed (benchmarks/RESULTS.md). Not where weights may be sharded: a loop
-    over a split dimension would make GSPMD gather it; not on GPU/TPU, where the convert fuses.
+    XLA:CPU either fuses the int8->float convert into the dot as a slow naive loop (~15x slower
+    than float32 on SmolLM2's [576, 49152] head) or materialises each converted weight in its
+    own slice of the step's temporary memory, which is freshly mapped on every run: a step of
+    SmolLM2 then page-faults through ~400 MB (~10x slower than float32). Converting a ~1 MiB
+    block of columns at a time in a loop reuses one small buffer (benchmarks/RESULTS.md). Not
+    where weights may be sharded (a loop over a split dimension would make GSPMD gather it), and
+    not on GPU/TPU, where the convert fuses into the dot.
     """
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def _blocked_matmul(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
-    """``x [T, in]`` times a quantised ``[in, out...]`` weight, ``_BLOCK_COLUMNS``-ish columns at a time."""
+    """``x [T, in]`` times a quantised ``[in, out...]`` weight, ~``_BLOCK_BYTES`` of converted columns at a time."""
     values = weight.values.reshape(weight.values.shape[0], -1)
     scale = weight.scale.reshape(1, -1)
-    columns = values.shape[1]
-    blocks = next(n for n in range(max(1, columns // _BLOCK_COLUMNS), columns + 1) if columns % n == 0)
+    rows, columns = values.shape
+    least = -(-rows * columns * jnp.dtype(x.dtype).itemsize // _BLOCK_BYTES)
+    blocks = next(n for n in range(max(1, least), columns + 1) if columns % n == 0)
     width = columns // blocks
 
     def block(i: jax.Array, out: jax.Array) -> jax.Array:
