@@ -147,12 +147,12 @@ def test_int8_weights_shard_with_their_scales(report, family):
     assert int8["logits"] < TOLERANCE, int8
     assert int8["tokens"][0] == int8["tokens"][1]
     shards, whole = int8["shards"], int8["shapes"]
-    assert len(shards["w_qkv.values"]) == 4
-    hidden, kv_heads, group, head_dim = whole["w_qkv.values"]
-    assert whole["w_qkv.scale"] == [1, kv_heads, group, head_dim]
-    layout_kv = max(kv_heads, 4) // 4  # KV heads per device (repeated when fewer than devices)
-    assert all(s == [hidden, layout_kv, group, head_dim] for s in shards["w_qkv.values"]), shards
-    assert all(s == [1, layout_kv, group, head_dim] for s in shards["w_qkv.scale"]), shards
+    for name in ("w_qkv", "w_down"):
+        assert len(shards[f"{name}.values"]) == 4
+        for values, scale in zip(shards[f"{name}.values"], shards[f"{name}.scale"]):
+            assert scale == [1] + values[1:]  # one scale per output channel of the device's own slice
+    hidden = whole["w_qkv.values"][0]
+    # split by KV head: the layout repeats the 2 KV heads to 4, one per device
+    assert all(v[0] == hidden and v[1] == 1 for v in shards["w_qkv.values"]), shards
     inter, hidden_out = whole["w_down.values"]
-    assert all(s == [inter // 4, hidden_out] for s in shards["w_down.values"]), shards
-    assert all(s == [1, hidden_out] for s in shards["w_down.scale"]), shards
+    assert all(v == [inter // 4, hidden_out] for v in shards["w_down.values"]), shards  # row split
