@@ -97,12 +97,20 @@ def params_from_state_dict(config: Any, state_dict: Mapping[str, Any], dtype: An
 
         first = {short: tensor(name) for short, name in names.layer_names(0).items()}
         build = jax.jit(layer, out_shardings=plan.layer_shardings(jax.eval_shape(layer, first)))
+    def top_tensor(name: str) -> Any:
+        array = tensor(name)
+        if weights == "int8" and name != names.final_norm:  # [vocab, hidden]: a scale per vocabulary row
+            return quant.quantize(array, (1,), dtype)
+        return array if plan is not None else jnp.asarray(array)
+
+    # The embedding (and LM head) first, stored as they will be before the layers are built: the
+    # largest tensors' read transients (Gemma 3's 640 MiB embedding) then do not come on top of the
+    # layers' memory, and no float copy of them waits for the end.
+    top = {name: top_tensor(name) for name in (names.embed, names.lm_head, names.final_norm) if name is not None}
     layers = tuple(build({short: tensor(name) for short, name in names.layer_names(i).items()})
                    for i in range(config.num_layers))
-    lm_head = None if names.lm_head is None else tensor(names.lm_head)
-    params = family.params_from_hf(config, tensor(names.embed), tensor(names.final_norm), lm_head, layers, dtype)
-    if weights == "int8":
-        params = quant.quantize_head(params)
+    lm_head = None if names.lm_head is None else top[names.lm_head]
+    params = family.params_from_hf(config, top[names.embed], top[names.final_norm], lm_head, layers, dtype)
     if plan is None:
         return jax.tree.map(jnp.asarray, params)
     return jax.device_put(params, plan.param_shardings(params))

@@ -1,7 +1,8 @@
 """Weight-only int8: the big matrices stored as int8 with one float32 scale per output channel.
 
-``--weights int8`` (``engine_jax.options``) quantises, at load time, every layer's projections
-(``QUANTIZED_LAYER_FIELDS``: fused q/k/v, o, fused gate/up, down) and the embedding / LM head,
+``--weights int8`` (``engine_jax.options``) quantises, at load time (``engine_jax.families``),
+every layer's projections (``QUANTIZED_LAYER_FIELDS``: fused q/k/v, o, fused gate/up, down) and
+the embedding / LM head (a scale per vocabulary row),
 symmetrically: ``w ~= values * scale`` with ``values = round(w / scale)`` in [-127, 127] and
 ``scale = max|w| / 127`` over the input (contracted) dimensions of each output channel. Weights
 take a quarter of their float32 bytes (half of bfloat16's) plus one scale per channel.
@@ -49,6 +50,11 @@ class QuantizedWeight:
         return tuple(self.values.shape)
 
     @property
+    def T(self) -> "QuantizedWeight":  # noqa: N802 (as an array's)
+        """The transposed weight (its scales transposed with it)."""
+        return QuantizedWeight(self.values.T, self.scale.T, self.dtype)
+
+    @property
     def nbytes(self) -> int:
         return int(self.values.nbytes) + int(self.scale.nbytes)
 
@@ -92,13 +98,6 @@ def quantize_layer(layer: Any) -> Any:
     """A layer params dataclass with its projections (``QUANTIZED_LAYER_FIELDS``, ``[in, out...]``) int8."""
     return dataclasses.replace(layer, **{name: quantize(getattr(layer, name), (0,))
                                          for name in QUANTIZED_LAYER_FIELDS})
-
-
-def quantize_head(params: Any) -> Any:
-    """A params tree with its embedding ``[vocab, hidden]`` (scale per vocabulary row: as the tied
-    LM head's output channel and as the lookup's row) and LM head ``[hidden, vocab]`` int8."""
-    head = None if params.lm_head is None else quantize(params.lm_head, (0,))
-    return dataclasses.replace(params, embed=quantize(params.embed, (1,)), lm_head=head)
 
 
 def einsum(subscripts: str, x: jax.Array, weight: Any) -> jax.Array:
