@@ -54,10 +54,6 @@ class QuantizedWeight:
         """The transposed weight (its scales transposed with it)."""
         return QuantizedWeight(self.values.T, self.scale.T, self.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.nbytes) + int(self.scale.nbytes)
-
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scale"], meta_fields=["dtype"])
 
