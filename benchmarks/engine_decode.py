@@ -1,7 +1,7 @@
 """Decode tokens/s of the engine's native loop vs Hugging Face transformers ``generate``, same model and weights.
 
     PYTHONPATH=. .venv/bin/python benchmarks/engine_decode.py [MODEL | --model MODEL] [--batch 1 16]
-        [--context 128] [--steps 32] [--repeats 5] [--no-hf] [--no-steps]
+        [--context 128] [--steps 32] [--repeats 5] [--weights float [int8]] [--no-hf] [--no-steps]
 
 MODEL is anything ``engine_jax.loader.load_model`` accepts (a registry name
 such as ``gemma3-270m``, a GGUF file, a Hugging Face checkpoint directory of
@@ -23,6 +23,11 @@ meets), then the pairs are timed ``--repeats`` times, the arms interleaved
 (ours, hf, hf, ours, ...), and summarised by medians. Decode tokens/s =
 B * 1000 / (ms per step); ratio = ours / transformers tokens/s. The last
 line is ``ratio: X``, X = the smaller ratio over the batch sizes.
+
+``--weights float int8`` builds one engine per weight format from the same
+state dict (``--weights int8``: ``engine_jax.quant``) and times them as arms
+of the same run ("ours" and "ours-int8"); each extra arm's greedy tokens are
+compared with the first's, and its decode time printed as a ratio to it.
 
 Also printed (skip with ``--no-steps``): the engine's bare ``Engine.step``
 decode time (median over ``--steps`` steps after 3 warm-up steps), i.e.
@@ -90,10 +95,9 @@ def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int, war
 
 
 class OursArm:
-    name = "ours"
-
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, weights: str = "float") -> None:
         self.engine = engine
+        self.name = "ours" if weights == "float" else f"ours-{weights}"
 
     def run(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         return generate(self.engine, prompts, n)
@@ -147,10 +151,10 @@ def compare(arms: list, batch: int, context: int, steps: int, repeats: int, voca
         start = time.perf_counter()
         outputs[arm.name] = arm.run(prompts, steps + 1)
         print(f"  batch {batch:3d} {arm.name:>12}: warm-up {time.perf_counter() - start:6.1f} s", flush=True)
-    if len(arms) == 2:
-        a, b = (np.array(outputs[arm.name]) for arm in arms)
-        print(f"  batch {batch:3d}: greedy tokens identical in both arms: {(a == b).mean() * 100:.1f}% "
-              f"(first tokens: {(a[:, 0] == b[:, 0]).mean() * 100:.0f}%)", flush=True)
+    for arm in arms[1:]:
+        a, b = np.array(outputs[arms[0].name]), np.array(outputs[arm.name])
+        print(f"  batch {batch:3d}: greedy tokens identical in {arms[0].name} and {arm.name}: "
+              f"{(a == b).mean() * 100:.1f}% (first tokens: {(a[:, 0] == b[:, 0]).mean() * 100:.0f}%)", flush=True)
     ms: dict[str, list[float]] = {arm.name: [] for arm in arms}
     for i in range(repeats):
         for arm in (arms if i % 2 == 0 else arms[::-1]):
@@ -161,8 +165,12 @@ def compare(arms: list, batch: int, context: int, steps: int, repeats: int, voca
 
 
 def main(argv: list[str] | None = None) -> None:
+    import jax.numpy as jnp
+
+    from engine_jax.config import WEIGHT_FORMATS
     from engine_jax.families import config_from_hf, params_from_state_dict
     from engine_jax.loader import LoadedModel, default_dtype, read_model
+    from engine_jax.quant import weight_bytes
     from engine_jax.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--attention", default=None, help="reference | kernel | interpret (default: platform)")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS, default=["float"],
+                        help="weight formats of the engine arms (int8: engine_jax.quant; default float)")
     parser.add_argument("--no-hf", action="store_true", help="time the engine only")
     parser.add_argument("--no-steps", action="store_true", help="skip the bare Engine.step decode timing")
     args = parser.parse_args(argv)
@@ -182,16 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     host = read_model(args.model_option or args.model)
     config = config_from_hf(host.hf_config)
-    model = LoadedModel(name=host.name, config=config, tokenizer=host.tokenizer, hf_config=host.hf_config,
-                        params=params_from_state_dict(config, host.state_dict, default_dtype()), source=host.source)
-    c = model.config
-    print(f"model {model.name}: {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
-          f"vocab {c.vocab_size}, dtype {model.params.embed.dtype}; context {args.context}, "
-          f"{args.steps} timed decode steps, {args.repeats} repeats; CPU: {cpu_model()}")
     max_len = args.context + args.steps + 8
     pages_needed = max(args.batch) * (-(-max_len // args.page_size)) + 8
-    engine = Engine(model, page_size=args.page_size, num_pages=pages_needed, attention=args.attention)
-    arms = [OursArm(engine)]
+    arms = []
+    for weights in args.weights:
+        params = params_from_state_dict(config, host.state_dict, default_dtype(), weights=weights)
+        model = LoadedModel(name=host.name, config=config, tokenizer=host.tokenizer, hf_config=host.hf_config,
+                            params=params, source=host.source)
+        engine = Engine(model, page_size=args.page_size, num_pages=pages_needed, attention=args.attention)
+        arms.append(OursArm(engine, weights))
+    c = config
+    print(f"model {host.name}: {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
+          f"vocab {c.vocab_size}, dtype {jnp.dtype(default_dtype()).name}, weights "
+          f"{', '.join(f'{w} {weight_bytes(a.engine.params) / 2**20:.0f} MiB' for w, a in zip(args.weights, arms))}; "
+          f"context {args.context}, {args.steps} timed decode steps, {args.repeats} repeats; CPU: {cpu_model()}")
     if not args.no_hf:
         arms.append(HFArm(host.hf_config, host.state_dict))
     del host
@@ -199,10 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     summary = []
     for batch in args.batch:
         if not args.no_steps:
-            times = decode_ms_per_step(engine, batch, args.context, args.steps)
-            median = statistics.median(times)
-            print(f"batch {batch:3d}: Engine.step decode {median:7.2f} ms/step (min {min(times):.2f}), "
-                  f"{batch * 1000 / median:8.1f} tokens/s", flush=True)
+            for arm in arms[:len(args.weights)]:
+                times = decode_ms_per_step(arm.engine, batch, args.context, args.steps)
+                median = statistics.median(times)
+                print(f"batch {batch:3d}: {arm.name:>12} Engine.step decode {median:7.2f} ms/step "
+                      f"(min {min(times):.2f}), {batch * 1000 / median:8.1f} tokens/s", flush=True)
         ms = compare(arms, batch, args.context, args.steps, args.repeats, c.vocab_size)
         speeds = {}
         for name, values in ms.items():
@@ -210,10 +225,13 @@ def main(argv: list[str] | None = None) -> None:
             speeds[name] = batch * 1000 / median
             print(f"batch {batch:3d}: {name:>12} generate decode {median:7.2f} ms/step "
                   f"({', '.join(f'{v:.1f}' for v in values)}), {speeds[name]:8.1f} tokens/s", flush=True)
+        for arm in arms[1:len(args.weights)]:
+            print(f"batch {batch:3d}: {arm.name} / {arms[0].name} decode time = "
+                  f"{speeds[arms[0].name] / speeds[arm.name]:.2f}", flush=True)
         if "transformers" in speeds:
-            ratio = speeds["ours"] / speeds["transformers"]
+            ratio = speeds[arms[0].name] / speeds["transformers"]
             summary.append(ratio)
-            print(f"batch {batch:3d}: ours / transformers decode tokens/s = {ratio:.2f}", flush=True)
+            print(f"batch {batch:3d}: {arms[0].name} / transformers decode tokens/s = {ratio:.2f}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     if summary:
         print(f"ratio: {min(summary):.2f}")

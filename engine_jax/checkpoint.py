@@ -19,8 +19,10 @@ Converting a GGUF costs seconds (dequantization); restoring the orbax checkpoint
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -226,15 +228,7 @@ def restore_converted(directory: str | Path,
     """
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    info = read_info(directory)
-    config = _read_config(directory)
-    tokenizer = Tokenizer.from_directory(directory)
-    state_path = directory / STATE_DIR
-    if not state_path.is_dir():
-        raise ModelCacheError(f"{directory}: the orbax checkpoint {STATE_DIR}/ is missing")
-    # Format 2: orbax's partial saves put the tree one level down; format 1 has it in state/.
-    tree_path = state_path if info.get("format") == 1 else state_path / PYTREE_DIR
+    config, tokenizer, info, tree_path = _open(directory)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             target = None
@@ -243,8 +237,82 @@ def restore_converted(directory: str | Path,
                 target = {name: placement(name, tuple(meta.shape)) for name, meta in stored.items()}
             state = checkpointer.restore(tree_path, target)
     except Exception as exc:  # orbax/tensorstore raise many types on damaged data
-        raise ModelCacheError(f"{state_path}: cannot restore the orbax checkpoint ({exc})") from exc
+        raise ModelCacheError(f"{tree_path}: cannot restore the orbax checkpoint ({exc})") from exc
     return ConvertedModel(config=config, state_dict=dict(state), tokenizer=tokenizer, info=info)
+
+
+def open_converted(directory: str | Path) -> ConvertedModel:
+    """A converted model whose state dict reads lazily: each tensor is a ``weights.LazyTensor``
+    restored when read, the tensors of one layer in one orbax call (``StoredTensors``), so a
+    loader that builds the model layer by layer never holds the whole checkpoint on the host."""
+    import orbax.checkpoint as ocp
+
+    config, tokenizer, info, tree_path = _open(directory)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(tree_path).item_metadata.tree
+    except Exception as exc:  # orbax/tensorstore raise many types on damaged data
+        raise ModelCacheError(f"{tree_path}: cannot read the orbax checkpoint's metadata ({exc})") from exc
+    shapes = {name: (tuple(meta.shape), np.dtype(meta.dtype)) for name, meta in stored.items()}
+    return ConvertedModel(config=config, state_dict=StoredTensors(tree_path, shapes).tensors(), tokenizer=tokenizer,
+                          info=info)
+
+
+class StoredTensors:
+    """Reads a converted checkpoint's tensors on demand, a group (one layer's, or one top-level
+    tensor) per orbax restore; a group's other tensors wait in memory until they are read."""
+
+    def __init__(self, tree_path: Path, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        self._path, self._shapes = tree_path, dict(shapes)
+        self._waiting: dict[str, np.ndarray] = {}
+
+    def tensors(self) -> dict[str, Any]:
+        from engine_jax.weights import LazyTensor
+
+        return {name: LazyTensor(shape, dtype, functools.partial(self.read, name))
+                for name, (shape, dtype) in self._shapes.items()}
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._waiting:
+            group = _group(name)
+            self._waiting = self._restore([n for n in self._shapes if _group(n) == group])
+        return self._waiting.pop(name)
+
+    def _restore(self, names: list[str]) -> dict[str, np.ndarray]:
+        import orbax.checkpoint as ocp
+
+        item = {n: np.empty(*self._shapes[n]) for n in names}  # shapes only: orbax allocates its own
+        args = ocp.args.PyTreeRestore(item=item, restore_args={n: ocp.RestoreArgs(restore_type=np.ndarray) for n in names},
+                                      partial_restore=True)
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                return dict(checkpointer.restore(self._path, args=args))
+        except Exception as exc:  # orbax/tensorstore raise many types on damaged data
+            raise ModelCacheError(f"{self._path}: cannot restore {names[0]!r} from the orbax checkpoint ({exc})") from exc
+
+
+_LAYER_PREFIX = re.compile(r"^.*?layers\.\d+\.")
+
+
+def _group(name: str) -> str:
+    """Tensors restored together: a layer's (``...layers.3.``), else each alone."""
+    match = _LAYER_PREFIX.match(name)
+    return match.group(0) if match else name
+
+
+def _open(directory: str | Path) -> tuple[dict[str, Any], Tokenizer, dict[str, Any], Path]:
+    """A converted model's config, tokenizer, info record and the path of its orbax tree."""
+    directory = Path(directory).absolute()
+    info = read_info(directory)
+    return _read_config(directory), Tokenizer.from_directory(directory), info, _tree_path(directory, info)
+
+
+def _tree_path(directory: Path, info: Mapping[str, Any]) -> Path:
+    """Format 2: orbax's partial saves put the tree one level down; format 1 has it in state/."""
+    state_path = directory / STATE_DIR
+    if not state_path.is_dir():
+        raise ModelCacheError(f"{directory}: the orbax checkpoint {STATE_DIR}/ is missing")
+    return state_path if info.get("format") == 1 else state_path / PYTREE_DIR
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

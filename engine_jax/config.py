@@ -16,6 +16,8 @@ _ARCHITECTURE_CLASSES = {
 
 # RoPE variants whose frequencies do not depend on the sequence length.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# How the engine stores weights (--weights): the model's dtype, or int8 with scales (engine_jax.quant).
+WEIGHT_FORMATS = ("float", "int8")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from engine_jax import quant
 from engine_jax.batch import (
     Distribution,
     EngineInputError,
@@ -659,9 +660,9 @@ def _with_cpu_lm_head(params: Params, tp: TensorParallel | None) -> Params:
     transposed embedding ~1.5x slower than by a contiguous copy (accelerators need no copy)."""
     if params.lm_head is not None or jax.default_backend() != "cpu":
         return params
-    head = jnp.transpose(params.embed).copy()
+    head = quant.transposed_copy(params.embed)
     if tp is not None:
-        head = jax.device_put(head, tp.sharding(MODEL_AXES["lm_head"]))
+        head = jax.device_put(head, tp.weight_sharding(head, MODEL_AXES["lm_head"]))
     return dataclasses.replace(params, lm_head=head)
 
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine_jax import gemma3, model
-from engine_jax.config import ModelConfig
+from engine_jax import gemma3, model, quant
+from engine_jax.config import WEIGHT_FORMATS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> Any:
     return family.config_from_hf(hf_config)
 
 
-def params_from_state_dict(config: Any, state_dict: Mapping[str, Any], dtype: Any, plan: Any = None) -> Any:
-    """The engine params of an HF-named state dict, for the family of ``config``, in ``dtype``.
+def params_from_state_dict(config: Any, state_dict: Mapping[str, Any], dtype: Any, plan: Any = None,
+                           weights: str = "float") -> Any:
+    """The engine params of an HF-named state dict, for the family of ``config``, in ``dtype``;
+    ``weights="int8"`` stores the projections, embedding and LM head as int8 with per-channel
+    scales (``engine_jax.quant``), quantised layer by layer as they are built.
 
     Without ``plan`` the tensors are numpy arrays (or memory maps) and the params go to the
     default device. With a ``plan`` (``engine_jax.sharding.TensorParallel``) they are laid out
@@ -73,28 +76,41 @@ def params_from_state_dict(config: Any, state_dict: Mapping[str, Any], dtype: An
     restored checkpoint) stays where it is, and each layer is built by a jit whose inputs and
     outputs live on the same devices.
     """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     family = family_of(config)
     names = family.hf_names(config, state_dict)
     dtype = jnp.dtype(dtype)
+    finish = quant.quantize_layer if weights == "int8" else (lambda built: built)
     if plan is None:
         def tensor(name: str) -> Any:
-            return state_dict[name]
+            return np.asarray(state_dict[name])  # a lazy tensor (engine_jax.gguf) is read here
 
         def build(hf: dict[str, Any]) -> Any:
-            return jax.tree.map(jnp.asarray, family.layer_from_hf(config, hf, config.num_kv_heads, dtype))
+            return finish(jax.tree.map(jnp.asarray, family.layer_from_hf(config, hf, config.num_kv_heads, dtype)))
     else:
         def tensor(name: str) -> Any:
             return _on_mesh(plan, name, state_dict[name], dtype)
 
         def layer(hf: dict[str, Any]) -> Any:
-            return family.layer_from_hf(config, hf, plan.kv_heads, dtype)
+            return finish(family.layer_from_hf(config, hf, plan.kv_heads, dtype))
 
         first = {short: tensor(name) for short, name in names.layer_names(0).items()}
         build = jax.jit(layer, out_shardings=plan.layer_shardings(jax.eval_shape(layer, first)))
+    def top_tensor(name: str) -> Any:
+        array = tensor(name)
+        if weights == "int8" and name != names.final_norm:  # [vocab, hidden]: a scale per vocabulary row
+            return quant.quantize(array, (1,), dtype)
+        return array if plan is not None else jnp.asarray(array)
+
+    # The embedding (and LM head) first, stored as they will be before the layers are built: the
+    # largest tensors' read transients (Gemma 3's 640 MiB embedding) then do not come on top of the
+    # layers' memory, and no float copy of them waits for the end.
+    top = {name: top_tensor(name) for name in (names.embed, names.lm_head, names.final_norm) if name is not None}
     layers = tuple(build({short: tensor(name) for short, name in names.layer_names(i).items()})
                    for i in range(config.num_layers))
-    lm_head = None if names.lm_head is None else tensor(names.lm_head)
-    params = family.params_from_hf(config, tensor(names.embed), tensor(names.final_norm), lm_head, layers, dtype)
+    lm_head = None if names.lm_head is None else top[names.lm_head]
+    params = family.params_from_hf(config, top[names.embed], top[names.final_norm], lm_head, layers, dtype)
     if plan is None:
         return jax.tree.map(jnp.asarray, params)
     return jax.device_put(params, plan.param_shardings(params))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine_jax import quant
 from engine_jax.config import _rope_of
 from engine_jax.kv_cache import KVCache
 from engine_jax.model import (
@@ -312,12 +313,12 @@ def forward(
     kv_positions = cache.positions.at[batch.write_pages, batch.write_offsets].set(batch.positions, mode="drop")
 
     embed_scale = jnp.asarray(math.sqrt(c.hidden_size), dtype=params.embed.dtype)
-    x = params.embed[batch.tokens] * embed_scale
+    x = quant.take_rows(params.embed, batch.tokens) * embed_scale
     new_k, new_v = [], []
     for layer, lp in enumerate(params.layers):
         kind = c.layer_types[layer]
         h = _rms_norm(x, lp.attn_norm, c.rms_norm_eps)
-        qkv = jnp.einsum("th,hkgd->tkgd", h, lp.w_qkv)  # [T, kv_heads, group + 2, head_dim]
+        qkv = quant.einsum("th,hkgd->tkgd", h, lp.w_qkv)  # [T, kv_heads, group + 2, head_dim]
         group = qkv.shape[2] - 2
         q = qkv[:, :, :group].reshape(num_tokens, c.num_heads, c.head_dim)
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
@@ -335,16 +336,17 @@ def forward(
             q, k_pages, v_pages, slot_valid, batch.page_table, batch.kv_lens,
             batch.cu_q_lens, batch.q_slots, batch.custom_mask, scale=scale, **window,
         )
-        h = attn.reshape(num_tokens, q_size).astype(x.dtype) @ lp.w_o
+        h = quant.matmul(attn.reshape(num_tokens, q_size).astype(x.dtype), lp.w_o)
         x = x + _rms_norm(h, lp.post_attn_norm, c.rms_norm_eps)
         h = _rms_norm(x, lp.mlp_norm, c.rms_norm_eps)
-        gate_up = jnp.einsum("th,hci->tci", h, lp.w_gate_up)
-        h = (jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1]) @ lp.w_down
+        gate_up = quant.einsum("th,hci->tci", h, lp.w_gate_up)
+        h = quant.matmul(jax.nn.gelu(gate_up[:, 0], approximate=True) * gate_up[:, 1], lp.w_down)
         x = x + _rms_norm(h, lp.post_mlp_norm, c.rms_norm_eps)
 
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), slot_valid=slot_valid, positions=kv_positions)
     h = _rms_norm(x[batch.output_rows], params.final_norm, c.rms_norm_eps)
-    logits = (h @ params.embed.T if params.lm_head is None else h @ params.lm_head).astype(jnp.float32)
+    logits = (quant.matmul_transposed(h, params.embed) if params.lm_head is None
+              else quant.matmul(h, params.lm_head)).astype(jnp.float32)
     if c.final_logit_softcapping:
         cap = c.final_logit_softcapping
         logits = cap * jnp.tanh(logits / cap)

@@ -1,7 +1,8 @@
 """Read a llama.cpp GGUF file as a Hugging Face style model: config dict, state dict, tokenizer.
 
 Quantized tensors (the legacy and the K-quants) are dequantized to float32 with the ``gguf``
-package; llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py``'s ``permute``, applied to
+package, one tensor at a time when it is read (``gguf_tensors``: a loader never holds the whole
+model in float32); llama.cpp's Q/K row permutation (``convert_hf_to_gguf.py``'s ``permute``, applied to
 llama-architecture models so its rotary kernel can pair adjacent rows) is undone; Gemma's norm
 weights, which llama.cpp stores as ``1 + weight``, get the 1 taken off again; tensor names are
 mapped back to transformers' names ("model.layers.0.self_attn.q_proj.weight"). The result loads
@@ -10,6 +11,7 @@ like any HF checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from engine_jax.tokenizer import Tokenizer, TokenizerError
+from engine_jax.weights import LazyTensor
 
 GGUF_MAGIC = b"GGUF"
 
@@ -292,11 +295,24 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
 
 
-def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<gguf>") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, float32 array)`` for every weight, one at a time (bounded memory)."""
+def _read_tensor(tensor: Any, shape: tuple[int, ...], permute_heads: int | None, minus_one: bool) -> np.ndarray:
+    """One GGUF tensor as a new float32 array in Hugging Face layout."""
+    array = _dequantize(tensor.data, tensor.tensor_type, shape)
+    if permute_heads is not None:
+        array = unpermute_qk(array, permute_heads)
+    if minus_one:
+        array -= 1.0
+    return array
+
+
+def gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<gguf>") -> dict[str, LazyTensor]:
+    """Every weight by Hugging Face name, dequantised to float32 only when read (a ``LazyTensor``:
+    a loader holds one at a time, never the whole model in float32). Names and quantization types
+    are checked here: a GGUFError names the first unsupported one."""
     supported = _supported_types()
     arch = _field(reader, "general.architecture")
     permute = config["model_type"] in _PERMUTED_ARCHITECTURES
+    tensors: dict[str, LazyTensor] = {}
     for t in reader.tensors:
         try:
             name = hf_tensor_name(t.name, arch)
@@ -304,22 +320,27 @@ def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<
             raise GGUFError(f"{path}: unsupported tensor {t.name!r} for {config['model_type']} models") from None
         if name is None:
             continue
-        qtype = int(t.tensor_type)
-        if qtype not in supported:
+        if int(t.tensor_type) not in supported:
             raise GGUFError(
                 f"{path}: tensor {t.name!r} uses unsupported quantization {t.tensor_type.name} "
                 f"(supported: {', '.join(_TYPE_NAMES)})"
             )
+        heads = None
+        if permute and ".self_attn.q_proj." in name:
+            heads = config["num_attention_heads"]
+        elif permute and ".self_attn.k_proj." in name:
+            heads = config["num_key_value_heads"]
         # llama.cpp lists dims fastest-first; numpy order is the reverse
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        array = _dequantize(t.data, t.tensor_type, shape)
-        if permute and ".self_attn.q_proj." in name:
-            array = unpermute_qk(array, config["num_attention_heads"])
-        elif permute and ".self_attn.k_proj." in name:
-            array = unpermute_qk(array, config["num_key_value_heads"])
-        if arch in _NORM_PLUS_ONE and name.endswith("norm.weight"):
-            array -= 1.0
-        yield name, array
+        minus_one = arch in _NORM_PLUS_ONE and name.endswith("norm.weight")
+        tensors[name] = LazyTensor(shape, np.float32, functools.partial(_read_tensor, t, shape, heads, minus_one))
+    return tensors
+
+
+def iter_gguf_tensors(reader: Any, config: dict[str, Any], path: str | Path = "<gguf>") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, float32 array)`` for every weight, one at a time (bounded memory)."""
+    for name, tensor in gguf_tensors(reader, config, path).items():
+        yield name, tensor.read()
 
 
 _CHUNK_ELEMENTS = 4 * 1024 * 1024  # dequantized per call: bounds the temporaries of large tensors

@@ -44,11 +44,12 @@ class LoadedModel:
 
 @dataclass
 class HostModel:
-    """A model read into host memory: HF config dict, HF-named numpy state dict, tokenizer."""
+    """A model read for loading: HF config dict, HF-named state dict (numpy arrays, memory maps, jax
+    arrays restored onto a mesh, or ``weights.LazyTensor``s read one at a time), tokenizer."""
 
     name: str
     hf_config: dict[str, Any]
-    state_dict: dict[str, np.ndarray]
+    state_dict: dict[str, Any]
     tokenizer: Tokenizer
     source: str
 
@@ -72,10 +73,11 @@ def read_model(name_or_path: str | Path, mesh: jax.sharding.Mesh | None = None, 
     if path.is_file():
         if not gguf.is_gguf(path):
             raise ModelNotFoundError(f"{path}: not a GGUF file (expected a .gguf file or a model directory)")
+        reader, config, tokenizer = gguf.read_gguf_header(path)
         if mesh is not None:
-            _plan(gguf.read_gguf_header(path)[1], mesh)
-        model = gguf.load_gguf(path)
-        return HostModel(path.stem, model.config, model.state_dict, model.tokenizer, str(path))
+            _plan(config, mesh)
+        # dequantised tensor by tensor as the layers are built
+        return HostModel(path.stem, config, gguf.gguf_tensors(reader, config, path), tokenizer, str(path))
     if path.is_dir():
         if checkpoint.is_converted(path):
             return _read_converted(path.name, path, mesh, dtype)
@@ -101,7 +103,9 @@ def _read_converted(name: str, directory: Path, mesh: jax.sharding.Mesh | None, 
     if mesh is not None:
         plan = _plan(checkpoint.read_config(directory), mesh)
         placement = partial(plan.hf_target, dtype=dtype or default_dtype())
-    converted = checkpoint.restore_converted(directory, placement)
+    # On one device, tensor by tensor as the layers are built; on a mesh, each shard onto its device.
+    converted = checkpoint.open_converted(directory) if placement is None else \
+        checkpoint.restore_converted(directory, placement)
     return HostModel(name, converted.config, converted.state_dict, converted.tokenizer, str(directory))
 
 
@@ -110,9 +114,11 @@ def _plan(hf_config: dict[str, Any], mesh: jax.sharding.Mesh) -> TensorParallel:
     return TensorParallel(mesh, config_from_hf(hf_config))
 
 
-def load_model(name_or_path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+def load_model(name_or_path: str | Path, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
+               weights: str = "float") -> LoadedModel:
     """Load a model for the engine; ``dtype`` defaults to :func:`default_dtype`. With a
-    ``mesh`` the weights are laid out on it for ``Engine(..., mesh=mesh)``."""
+    ``mesh`` the weights are laid out on it for ``Engine(..., mesh=mesh)``. ``weights="int8"``
+    stores the big matrices as int8 with per-channel scales (``engine_jax.quant``)."""
     started = time.perf_counter()
     dtype = dtype or default_dtype()
     host = read_model(name_or_path, mesh, dtype)
@@ -123,7 +129,7 @@ def load_model(name_or_path: str | Path, dtype: Any = None, mesh: jax.sharding.M
             f"vocabulary is {config.vocab_size}"
         )
     plan = TensorParallel(mesh, config) if mesh is not None else None
-    params = params_from_state_dict(config, host.state_dict, dtype, plan)
+    params = params_from_state_dict(config, host.state_dict, dtype, plan, weights)
     return LoadedModel(
         name=host.name,
         config=config,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine_jax import quant
 from engine_jax.config import ModelConfig
 from engine_jax.kv_cache import KVCache
 from engine_jax.paged_attention import AttentionFn
@@ -264,11 +265,11 @@ def forward(
     # The new slots become attendable in this very step, before any layer reads them.
     slot_valid = cache.slot_valid.at[batch.write_pages, batch.write_offsets].set(True, mode="drop")
 
-    x = params.embed[batch.tokens]
+    x = quant.take_rows(params.embed, batch.tokens)
     new_k, new_v = [], []
     for layer, lp in enumerate(params.layers):
         h = _rms_norm(x, lp.attn_norm, c.rms_norm_eps)
-        qkv = jnp.einsum("th,hkgd->tkgd", h, lp.w_qkv)  # [T, kv_heads, group + 2, head_dim]
+        qkv = quant.einsum("th,hkgd->tkgd", h, lp.w_qkv)  # [T, kv_heads, group + 2, head_dim]
         if lp.b_qkv is not None:
             qkv = qkv + lp.b_qkv
         group = qkv.shape[2] - 2
@@ -288,16 +289,16 @@ def forward(
             q, k_pages, v_pages, slot_valid, batch.page_table, batch.kv_lens,
             batch.cu_q_lens, batch.q_slots, batch.custom_mask, scale=scale,
         )
-        x = x + attn.reshape(num_tokens, q_size).astype(x.dtype) @ lp.w_o
+        x = x + quant.matmul(attn.reshape(num_tokens, q_size).astype(x.dtype), lp.w_o)
         h = _rms_norm(x, lp.mlp_norm, c.rms_norm_eps)
-        gate_up = jnp.einsum("th,hci->tci", h, lp.w_gate_up)
-        x = x + (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ lp.w_down
+        gate_up = quant.einsum("th,hci->tci", h, lp.w_gate_up)
+        x = x + quant.matmul(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp.w_down)
 
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), slot_valid=slot_valid)
     # The LM head runs only on the rows somebody asked about.
     h = _rms_norm(x[batch.output_rows], params.final_norm, c.rms_norm_eps)
     if params.lm_head is None:
-        logits = h @ params.embed.T
+        logits = quant.matmul_transposed(h, params.embed)
     else:
-        logits = h @ params.lm_head
+        logits = quant.matmul(h, params.lm_head)
     return new_cache, logits.astype(jnp.float32)

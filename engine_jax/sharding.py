@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engine_jax.config import ModelConfig
 from engine_jax.paged_attention import AttentionFn
+from engine_jax.quant import QuantizedWeight, scale_axes
 
 TP = "tp"
 
@@ -178,15 +179,23 @@ class TensorParallel:
         """A pytree like ``params`` (model.Params, gemma3.Gemma3Params) with the NamedSharding of every weight."""
         return dataclasses.replace(params, **{
             f.name: (tuple(self.layer_shardings(lp) for lp in params.layers) if f.name == "layers"
-                     else None if getattr(params, f.name) is None
-                     else self.sharding(MODEL_AXES.get(f.name, ())))
+                     else self.weight_sharding(getattr(params, f.name), MODEL_AXES.get(f.name, ())))
             for f in dataclasses.fields(params)})
 
     def layer_shardings(self, layer: Any) -> Any:
         """A pytree like ``layer`` (model.LayerParams, or its shapes) with each weight's NamedSharding."""
         return dataclasses.replace(layer, **{
-            f.name: None if getattr(layer, f.name) is None else self.sharding(LAYER_AXES.get(f.name, ()))
+            f.name: self.weight_sharding(getattr(layer, f.name), LAYER_AXES.get(f.name, ()))
             for f in dataclasses.fields(layer)})
+
+    def weight_sharding(self, weight: Any, axes: Sequence[str | None]) -> Any:
+        """The sharding of one weight with logical ``axes``: None for an absent one; for an int8
+        weight (``engine_jax.quant``) its values like a float weight, its scales like the output axes."""
+        if weight is None:
+            return None
+        if isinstance(weight, QuantizedWeight):
+            return QuantizedWeight(self.sharding(axes), self.sharding(scale_axes(weight, axes)), weight.dtype)
+        return self.sharding(axes)
 
     def hf_sharding(self, name: str) -> NamedSharding:
         """Where a Hugging Face tensor goes when it is read straight onto the mesh."""

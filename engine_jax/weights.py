@@ -11,6 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -129,3 +130,23 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         else:
             tensors[name] = buffer[begin:end].view(dtype).reshape(shape)
     return tensors
+
+
+class LazyTensor:
+    """A tensor read (into a new numpy array) only when asked for, ``np.asarray(t)`` or ``t[index]``:
+    a state dict of these holds no weights, so a loader reads one tensor at a time (a GGUF's
+    dequantised tensors, a converted checkpoint's restored ones)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, read: Callable[[], np.ndarray]) -> None:
+        self.shape, self.dtype, self.read = tuple(shape), np.dtype(dtype), read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.read()[index]

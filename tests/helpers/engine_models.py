@@ -25,8 +25,9 @@ class TestModel:
     hf_config: dict = field(default_factory=dict)
 
 
-def load_test_model(directory: Path, dtype: Any = jnp.float32) -> TestModel:
-    """Reads config, weights and tokenizer of ``directory`` with the engine's own readers."""
+def load_test_model(directory: Path, dtype: Any = jnp.float32, weights: str = "float") -> TestModel:
+    """Reads config, weights (stored as ``weights``: float or int8) and tokenizer of ``directory``
+    with the engine's own readers."""
     from engine_jax.tokenizer import Tokenizer
 
     hf_config, state_dict = load_hf_checkpoint(directory)
@@ -34,7 +35,7 @@ def load_test_model(directory: Path, dtype: Any = jnp.float32) -> TestModel:
     return TestModel(
         name=Path(directory).name,
         config=config,
-        params=params_from_state_dict(config, state_dict, dtype),
+        params=params_from_state_dict(config, state_dict, dtype, weights=weights),
         tokenizer=Tokenizer.from_directory(directory),
         hf_config=hf_config,
     )

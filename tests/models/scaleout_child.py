@@ -18,7 +18,9 @@ spec (model directories, a built component) and writes a JSON report:
 * ``texts[family][tp]``: pie-run's greedy completion at TP=1, 2, 4, and
   ``default``: the default model's at TP=1 and 3, the TP=2 refusal;
 * ``checkpoint``: a converted checkpoint restored under TP=4, shard by shard;
-* ``replicas``: placement and refusals of the data-parallel serving path.
+* ``replicas``: placement and refusals of the data-parallel serving path;
+* ``int8[family]``: ``--weights int8`` at TP=4 vs TP=1 (max |log-prob difference| of a prefill and
+  a decode step, the greedy tokens) and the per-device shard shapes of a layer's int8 values and scales.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main(spec_path: str, out_path: str) -> None:
     report["default"] = {tp: pie_run(spec, spec["default_model"], "--tensor-parallel", tp) for tp in ("1", "3", "2")}
     report["checkpoint"] = checkpoint_checks(spec["families"]["mistral"], Path(spec["scratch"]))
     report["replicas"] = replica_checks(spec["families"]["mistral"])
+    report["int8"] = {family: int8_checks(spec["families"][family]) for family in ("llama", "gemma3")}
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 
@@ -187,6 +190,30 @@ def checkpoint_checks(directory: str, scratch: Path) -> dict:
                                       ("w_down", layer.w_down), ("embed", params.embed),
                                       ("lm_head", params.lm_head))}
     return {"restored": tensors, "engine": engine_weights}
+
+
+def int8_checks(directory: str) -> dict:
+    """--weights int8 sharded over 4 devices against one device (both int8): log-probs and greedy tokens."""
+    from engine_jax.batch import Logprobs, Sample
+    from engine_jax.options import EngineOptions, build_engine
+
+    runs = {}
+    for tp in (1, 4):
+        built = build_engine(EngineOptions(model=directory, weights="int8", page_size=4, kv_pages=16,
+                                           tensor_parallel=tp))
+        engine, tokens = built.engine, built.model.tokenizer.encode(PROMPT)[:9]
+        vocab = tuple(range(engine.config.vocab_size))
+        pages = [engine.pool.alloc(3)]
+        prefill = run_step(engine, pages, tokens, 0, [Logprobs(index=i, token_ids=vocab) for i in range(len(tokens))])
+        decode = run_step(engine, pages, [tokens[3]], len(tokens), [Logprobs(index=0, token_ids=vocab), Sample(index=0)])
+        layer = engine.params.layers[0]
+        runs[tp] = {"logprobs": np.array(prefill[0] + [decode[0][0]]), "token": decode[0][1],
+                    "shards": {f"{name}.{part}": [list(s.data.shape) for s in getattr(getattr(layer, name), part)
+                                                  .addressable_shards]
+                               for name in ("w_qkv", "w_down") for part in ("values", "scale")}}
+    return {"logits": float(np.abs(runs[4]["logprobs"] - runs[1]["logprobs"]).max()),
+            "tokens": [runs[1]["token"], runs[4]["token"]], "shards": runs[4]["shards"],
+            "shapes": {k: v[0] for k, v in runs[1]["shards"].items()}}
 
 
 def replica_checks(directory: str) -> dict:

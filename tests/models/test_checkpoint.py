@@ -135,6 +135,35 @@ def test_conversion_streams_in_batches_and_reports_peak_memory(small_model_dir, 
     assert str(state["t7"].dtype) == "bfloat16" and float(state["t7"][123]) == 7.0
 
 
+def test_open_converted_reads_a_layer_at_a_time(small_model_dir, tmp_path):
+    """The loader's lazy view of a converted model: values equal a whole restore, in any read order;
+    reading 128 MiB of tensors one by one holds far less than all of them; damage shows on read."""
+    from engine_jax.tokenizer import Tokenizer
+
+    out = convert(small_model_dir("llama"), tmp_path / "conv", progress=False)
+    whole, lazy = restore_converted(out).state_dict, checkpoint.open_converted(out).state_dict
+    assert sorted(whole) == sorted(lazy)
+    order = ["model.layers.1.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight", *sorted(lazy)]
+    for name in order:
+        assert lazy[name].shape == whole[name].shape
+        np.testing.assert_array_equal(np.asarray(lazy[name]), whole[name])
+
+    count, size = 16, 2 * 2**20  # 16 tensors of 8 MiB
+    big = save_converted(tmp_path / "big", {"model_type": "llama"},
+                         ((f"t{i}", np.full(size, i, np.float32)) for i in range(count)),
+                         Tokenizer.from_directory(small_model_dir("llama")), progress=False)
+    tensors = checkpoint.open_converted(big).state_dict
+    with checkpoint.PeakMemory() as peak:
+        assert [float(np.asarray(tensors[f"t{i}"])[7]) for i in range(count)] == list(range(count))
+    assert peak.bytes < count * size * 4 // 2, peak.bytes
+    opened = checkpoint.open_converted(big).state_dict  # reads only the metadata
+    for data in [p for p in (big / checkpoint.STATE_DIR).rglob("d") if p.is_dir()]:  # orbax's data files
+        shutil.rmtree(data)
+    with pytest.raises(ModelCacheError, match="cannot restore 't3'"):
+        np.asarray(opened["t3"])
+
+
 def test_format_1_caches_are_still_read(tiny_gguf, tmp_path):
     """Caches written before the streaming conversion (the tree directly in state/) restore."""
     import orbax.checkpoint as ocp

@@ -136,3 +136,23 @@ def test_data_parallel_places_instances_and_refuses_cross_replica_pages(report):
     assert "live on data-parallel replicas [0, 1]" in out["cross_copy_error"]
     assert out["importer_replica"] == [0]  # an instance whose first pages are imported joins the export
     assert out["importer_continues_like_exporter"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_int8_weights_shard_with_their_scales(report, family):
+    """--weights int8 at TP=4 gives one device's log-probs (within 1e-4) and greedy token; a
+    column-split projection (w_qkv, by KV head) splits its scales with its values, a row-split one
+    (w_down) keeps whole scales on every device."""
+    int8 = report["int8"][family]
+    assert int8["logits"] < TOLERANCE, int8
+    assert int8["tokens"][0] == int8["tokens"][1]
+    shards, whole = int8["shards"], int8["shapes"]
+    for name in ("w_qkv", "w_down"):
+        assert len(shards[f"{name}.values"]) == 4
+        for values, scale in zip(shards[f"{name}.values"], shards[f"{name}.scale"]):
+            assert scale == [1] + values[1:]  # one scale per output channel of the device's own slice
+    hidden = whole["w_qkv.values"][0]
+    # split by KV head: the layout repeats the 2 KV heads to 4, one per device
+    assert all(v[0] == hidden and v[1] == 1 for v in shards["w_qkv.values"]), shards
+    inter, hidden_out = whole["w_down.values"]
+    assert all(v == [inter // 4, hidden_out] for v in shards["w_down.values"]), shards  # row split

@@ -23,6 +23,7 @@ page_size = 8
 token-budget = 64
 tensor-parallel = 2
 data_parallel = 2
+weights = "int8"
 [runtime]
 program = ["a=a.wasm", "b=b.py"]
 [limits]
@@ -32,7 +33,7 @@ namespace-pages = 100
     s = parse_settings(["--config", config, "--kv-pages", "100"])
     assert (s.port, s.kv_pages, s.page_size, s.max_tenant_instances) == (9001, 100, 8, 3)
     assert s.token_budget == 64 and parse_settings([]).token_budget == DEFAULT_TOKEN_BUDGET
-    assert (s.tensor_parallel, s.data_parallel, s.num_processes) == (2, 2, 1)
+    assert (s.tensor_parallel, s.data_parallel, s.num_processes, s.weights) == (2, 2, 1, "int8")
     assert s.programs == ["a=a.wasm", "b=b.py"]
     assert s.limit_namespace_pages == 100  # a tenant limit, read like its flag --namespace-pages
     assert s.host == "127.0.0.1" and s.tokens is None  # defaults where neither says
@@ -49,6 +50,7 @@ namespace-pages = 100
     ("[engine]\nnum-processes = 2", ["--num-processes > 1 needs --coordinator"]),
     ("[engine]\ntensor-parallel = 0", ["[engine] tensor-parallel", "positive"]),
     ("token-budget = -1", ["token-budget", "0 or more"]),
+    ("[engine]\nweights = 'int4'", ["[engine] weights", "float, int8"]),
 ])
 def test_bad_config_files_name_the_setting(tmp_path, text, words):
     with pytest.raises(ConfigError) as e:
