@@ -5,20 +5,23 @@
 
 For each decode batch B (B sequences with ``--context`` tokens of context, one
 new token each) and for a prefill of ``--prefill`` tokens, it times (median of
-``--iters`` runs, after a warm-up run that compiles):
+``--iters`` runs after a warm-up run that compiles; every measurement goes
+round all of them in turn, so load on a shared machine hits them alike):
 
 * ``Engine.step``: the whole step as callers see it;
 * host preparation (``Engine._prepare``: the numpy arrays of the batch);
 * the device step (the jitted step on prepared arrays, inputs copied in,
   results fetched); ``Engine.step`` minus prepare minus this is the Python
   around it (validation, launch, collecting results);
-* isolated jits of the pieces, each run over all layers with the step's own
-  shapes and weights: the weight dots of the layers (q/k/v, o, gate/up, down),
-  the LM head on the output rows, the paged attention of every layer (the
-  step's page table and lengths), the KV scatter of every layer and greedy
-  sampling. ``rest`` is the device step minus these: norms, RoPE, SiLU,
-  residual adds, the embedding gather, and what XLA fuses differently in
-  the whole step than in the pieces.
+* attention, by ablation: the device step of a second engine whose attention
+  returns its queries, subtracted from the device step (the paged gathers,
+  scores, softmax and weighted sum of every layer, as fused in the step);
+* isolated jits of the other pieces, each over all layers with the step's
+  own shapes and weights: the weight dots of the layers (q/k/v, o, gate/up,
+  down), the LM head on the output rows, the KV scatter of every layer and
+  greedy sampling. ``rest`` is the device step minus all of the above:
+  norms, RoPE, SiLU, residual adds, the embedding gather, per-op dispatch,
+  and what XLA does differently in the whole step than in the pieces.
 
 The pieces are separate executables, so they do not add up to the step
 exactly; the breakdown says where the bulk goes, not the last tenth of a ms.
@@ -35,18 +38,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, load_engine, model_arg  # noqa: E402
+from common import cpu_model, model_arg  # noqa: E402
 
 
-def timed(fn, iters: int) -> float:
-    """Median ms of ``fn()`` (which must block until its work is done) over ``iters`` calls after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
+def timed_round_robin(fns: dict, iters: int) -> dict[str, float]:
+    """Median ms of each ``fn()`` (which must block until its work is done) over ``iters`` calls after one
+    warm-up call each; the calls go round the functions, the order reversed every round, so a burst of
+    load on a shared machine hits all of them alike."""
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1000 for name, v in samples.items()}
 
 
 def requests_for(engine, lengths: list[int], new: int, rng) -> tuple[list, list]:
@@ -73,7 +81,6 @@ def pieces(engine, batch, num_rows: int):
     params, c = engine.params, engine.config
     T = batch.tokens.shape[0]
     x0 = jnp.ones((T, c.hidden_size), engine.dtype) * 0.01
-    q0 = jnp.ones((T, c.num_heads, c.head_dim), engine.dtype) * 0.01
     kv0 = jnp.ones((T, c.num_kv_heads, c.head_dim), engine.dtype)
     h_out = jnp.ones((num_rows, c.hidden_size), engine.dtype) * 0.01
     scale = c.head_dim ** -0.5
@@ -93,17 +100,8 @@ def pieces(engine, batch, num_rows: int):
         return h @ (params.lm_head if params.lm_head is not None else params.embed.T)
 
     @jax.jit
-    def attention(cache, b, q):
-        out = q
-        for layer in range(c.num_layers):
-            out = out + 1e-3 * engine.attention_fn(out, cache.k[layer], cache.v[layer], cache.slot_valid,
-                                                   b.page_table, b.kv_lens, b.cu_q_lens, b.q_slots, b.custom_mask,
-                                                   scale=scale)
-        return out
-
-    @jax.jit
     def scatter(k_pages, b, k):
-        # One layer's pages written num_layers times (a fresh copy: the real step's pool is donated).
+        # One layer's pages written num_layers times (into a copy: the engine's pool is not donated here).
         for _ in range(c.num_layers):
             k_pages = k_pages.at[b.write_pages, b.write_offsets].set(k, mode="drop")
             k = k + 1.0
@@ -116,17 +114,20 @@ def pieces(engine, batch, num_rows: int):
                              stochastic=False, sort_width=0)
 
     logits = jnp.ones((num_rows, c.vocab_size), jnp.float32)
-    k_pages = engine.cache.k[0]
     return {
         "weight dots (all layers)": lambda: dots(params, x0).block_until_ready(),
         "LM head": lambda: lm_head(params, h_out).block_until_ready(),
-        "attention (all layers)": lambda: attention(engine.cache, batch, q0).block_until_ready(),
-        "KV scatter (K+V, all layers)": lambda: scatter(k_pages, batch, kv0).block_until_ready(),
+        "KV scatter (K+V, all layers)": lambda: scatter(engine.cache.k[0], batch, kv0).block_until_ready(),
         "greedy sampling": lambda: sampling(logits).block_until_ready(),
     }
 
 
-def profile(engine, lengths: list[int], new: int, iters: int, title: str) -> None:
+def no_attention(q, *args, **kwargs):
+    """An attention that attends to nothing (the ablation that times attention inside the step)."""
+    return q
+
+
+def profile(engine, ablated, lengths: list[int], new: int, iters: int, title: str) -> None:
     import jax
 
     from engine_jax.engine import _fields
@@ -135,17 +136,22 @@ def profile(engine, lengths: list[int], new: int, iters: int, title: str) -> Non
     rng = np.random.default_rng(0)
     requests, held = requests_for(engine, lengths, new, rng)
     try:
-        whole = timed(lambda: engine.step(requests), iters)
-        prepare = timed(lambda: engine._prepare(requests), iters)
         batch, outputs, static, _ = engine._prepare(requests)
         arrays = {"batch": _fields(batch), "outputs": _fields(outputs)}
-        device = timed(lambda: jax.device_get(engine.apply_device_op("step", static, arrays)), iters)
-        device_batch = jax.device_put(TokenBatch(**_fields(batch)))
-        parts = {name: timed(fn, iters) for name, fn in pieces(engine, device_batch, len(requests)).items()}
-        parts["KV scatter (K+V, all layers)"] *= 2
+        fns = {
+            "step": lambda: engine.step(requests),
+            "prepare": lambda: engine._prepare(requests),
+            "device": lambda: jax.device_get(engine.apply_device_op("step", static, arrays)),
+            "without attention": lambda: jax.device_get(ablated.apply_device_op("step", static, arrays)),
+        }
+        fns.update(pieces(engine, jax.device_put(TokenBatch(**_fields(batch))), len(requests)))
+        ms = timed_round_robin(fns, iters)
     finally:
         for pages in held:
             engine.pool.free(pages)
+    whole, prepare, device = ms.pop("step"), ms.pop("prepare"), ms.pop("device")
+    parts = {"attention (all layers; ablated)": device - ms.pop("without attention"), **ms}
+    parts["KV scatter (K+V, all layers)"] *= 2
     print(f"\n{title}: Engine.step {whole:.2f} ms (median of {iters})")
     print(f"  {'host: prepare arrays':32} {prepare:8.2f} ms")
     print(f"  {'host: Python around the step':32} {whole - prepare - device:8.2f} ms")
@@ -165,12 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args(argv)
     print(f"CPU: {cpu_model()}")
-    engine = load_engine(args.model)
+    from engine_jax.engine import Engine
+    from engine_jax.loader import load_model
+
+    model = load_model(args.model)
+    page_size = 16
+    pages = max(max(args.batch) * (-(-(args.context + 1) // page_size)), -(-args.prefill // page_size)) + 8
+    engine = Engine(model, page_size=page_size, num_pages=pages)
+    # The same step with attention taken out: the difference is what attention costs inside the step.
+    ablated = Engine(model, page_size=page_size, num_pages=pages, attention=no_attention)
     print(f"model {engine.name}, {engine.platform}, dtype {engine.dtype}")
     for b in args.batch:
-        profile(engine, [args.context + 1] * b, 1, args.iters, f"decode batch {b}, context {args.context}")
+        profile(engine, ablated, [args.context + 1] * b, 1, args.iters, f"decode batch {b}, context {args.context}")
     if args.prefill:
-        profile(engine, [args.prefill], args.prefill, max(3, args.iters // 4), f"prefill {args.prefill}")
+        profile(engine, ablated, [args.prefill], args.prefill, max(3, args.iters // 4), f"prefill {args.prefill}")
 
 
 if __name__ == "__main__":
