@@ -42,7 +42,7 @@ import argparse
 import time
 
 from common import (
-    INFERLETS, CompileSpans, Server, build_inferlet, interleave, load_engine, median, model_arg, release_components,
+    INFERLETS, CompileSpans, Server, build_inferlet, cpu_model, interleave, load_engine, median, model_arg, release_components,
 )
 
 WAYS = ("stateless", "cached", "prefix")
@@ -65,6 +65,7 @@ def main() -> None:
     engine = load_engine(args.model, num_pages=args.kv_pages)
     component = build_inferlet(INFERLETS / "react_agent.py")
     server = Server(engine)
+    print(f"CPU: {cpu_model()}")
     print(f"model {engine.name}: {args.agents} agents x {args.tool_calls} tool calls, {args.gen_tokens} tokens "
           f"generated per step, {args.tools} tool descriptions in the prefix, {args.repeats} interleaved rounds "
           f"after a warm-up round of each way with {min(args.warmup_tool_calls, args.tool_calls)} tool calls",

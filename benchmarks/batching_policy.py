@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from jax import monitoring
 
+from common import cpu_model
 from engine_jax.batch import Sample
 from pie_runtime import ServingCore
 
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = load_engine(args.model, args.page_size, None)
     texts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(args.requests)]
     prompts = [list(engine.tokenizer.encode(t)) for t in texts]
+    print(f"CPU: {cpu_model()}")
     print(f"{args.requests} concurrent greedy completions, {args.max_new} new tokens each, page size {args.page_size}")
 
     results: dict[str, float] = {}

@@ -26,15 +26,37 @@ if str(REPO) not in sys.path:
 INFERLETS = Path(__file__).resolve().parent / "inferlets"
 
 
-def cpu_model() -> str:
-    """The host CPU's model name and core count (figures from different hosts compare with nothing)."""
-    name = "unknown CPU"
+# The vector ISA extensions that decide CPU kernel speed (what /proc/cpuinfo calls them).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    name, flags = "unknown CPU", []
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = value.split()
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores"
+    return name, flags
+
+
+def cpu_flags() -> str:
+    """The host's vector ISA extensions among ``ISA_FLAGS``, space-separated ("none known" if none)."""
+    present = set(_cpuinfo()[1])
+    return " ".join(f for f in ISA_FLAGS if f in present) or "none known"
+
+
+def cpu_model() -> str:
+    """The host CPU's model name, core count and ISA extensions (figures from different hosts compare
+    with nothing: print this in every benchmark)."""
+    return f"{_cpuinfo()[0]}, {os.cpu_count()} cores, ISA: {cpu_flags()}"
 
 
 def model_arg(parser: argparse.ArgumentParser) -> None:

@@ -58,34 +58,42 @@ from common import cpu_model  # noqa: E402
 
 
 def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int, warmup: int = 3) -> list[float]:
-    ps = engine.page_size
-    vocab = engine.config.vocab_size
     rng = np.random.default_rng(0)
-    total = context + warmup + steps
-    seqs = [engine.pool.alloc(-(-total // ps)) for _ in range(batch)]
+    prompts = [rng.integers(0, engine.config.vocab_size, context).tolist() for _ in range(batch)]
+    return decode_steps(engine, prompts, steps, warmup)[0]
+
+
+def decode_steps(engine: Engine, prompts: list[list[int]], steps: int,
+                 warmup: int = 3) -> tuple[list[float], list[list[int]]]:
+    """Prefills ``prompts`` (one step, untimed), then ``warmup + steps`` greedy ``Engine.step``
+    decode steps of all of them at once: (ms of each step after the warm-up ones, each prompt's
+    greedy tokens, the prefill's first)."""
+    ps = engine.page_size
+    total = max(map(len, prompts)) + warmup + steps
+    seqs = [engine.pool.alloc(-(-total // ps)) for _ in prompts]
     try:
-        prompts = [rng.integers(0, vocab, context).tolist() for _ in range(batch)]
-        engine.step([
-            ForwardRequest(tokens=p, positions=range(context), pages=pages[: -(-context // ps)],
-                           last_page_len=(context - 1) % ps + 1, outputs=(Sample(index=context - 1),))
+        first = engine.step([
+            ForwardRequest(tokens=p, positions=range(len(p)), pages=pages[: -(-len(p) // ps)],
+                           last_page_len=(len(p) - 1) % ps + 1, outputs=(Sample(index=len(p) - 1),))
             for p, pages in zip(prompts, seqs)
         ])
+        generated = [[r[0]] for r in first]
         times = []
-        tokens = [0] * batch
         for i in range(warmup + steps):
-            length = context + i + 1
-            requests = [
-                ForwardRequest(tokens=(tokens[b],), positions=(length - 1,), pages=seqs[b][: -(-length // ps)],
-                               last_page_len=(length - 1) % ps + 1, outputs=(Sample(index=0),))
-                for b in range(batch)
-            ]
+            requests = []
+            for p, pages, out in zip(prompts, seqs, generated):
+                length = len(p) + i + 1
+                requests.append(ForwardRequest(tokens=(out[-1],), positions=(length - 1,),
+                                               pages=pages[: -(-length // ps)], last_page_len=(length - 1) % ps + 1,
+                                               outputs=(Sample(index=0),)))
             start = time.perf_counter()
             results = engine.step(requests)
             elapsed = time.perf_counter() - start
-            tokens = [r[0] for r in results]
+            for out, r in zip(generated, results):
+                out.append(r[0])
             if i >= warmup:
                 times.append(elapsed * 1000)
-        return times
+        return times, generated
     finally:
         for pages in seqs:
             engine.pool.free(pages)

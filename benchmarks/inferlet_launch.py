@@ -26,6 +26,9 @@ from pie_runtime.instance import Instance  # noqa: E402
 from pie_runtime.host.registry import Host  # noqa: E402
 from tests.runtime.guests.build import build_guest  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f} ms"
@@ -75,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     wasm = build_guest("trivial")
+    print(f"CPU: {cpu_model()}")
     print(f"guest: {wasm.name} ({wasm.stat().st_size / 1e6:.1f} MB)")
     cold, warm = measure_loads(wasm, args.repeats)
     print(f"component load   cold (compile): {_ms(cold)}")

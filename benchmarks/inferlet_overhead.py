@@ -38,7 +38,7 @@ import argparse
 import time
 
 from common import (
-    REPO, CompileSpans, Server, StepRecorder, build_inferlet, interleave, load_engine, median, model_arg,
+    REPO, CompileSpans, Server, StepRecorder, build_inferlet, cpu_model, interleave, load_engine, median, model_arg,
     release_components,
 )
 
@@ -76,6 +76,7 @@ def main() -> None:
     bos = tok.bos_token_id if tok.bos_token_id is not None else engine.config.bos_token_id
     if bos is not None and prompt[0] != bos:
         prompt.insert(0, bos)  # what Context.fill_tokens does
+    print(f"CPU: {cpu_model()}")
     print(f"model {engine.name}, prompt {args.prompt!r} ({len(prompt)} tokens), greedy, "
           f"{args.tokens} new tokens per request, {args.repeats} interleaved repeats, "
           f"decode runs {args.decode_run} (server default {DEFAULT_DECODE_RUN}), "

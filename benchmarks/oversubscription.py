@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import threading
 import time
@@ -38,17 +37,6 @@ import common
 from batching_policy import PROMPTS, complete
 
 COMPILES = common.CompileSpans()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def generate(core: Any, name: str, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], float]:
@@ -218,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="decode steps per arm and repeat in part 2")
     parser.add_argument("--skip-part-1", action="store_true")
     args = parser.parse_args(argv)
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {common.cpu_model()}")
     engine = common.load_engine(args.model, page_size=args.page_size)
     print(f"model {engine.name}, pool {engine.num_pages} pages of {engine.page_size} slots, {engine.platform}")
     clearing_cost(engine, args)

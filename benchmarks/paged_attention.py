@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import cpu_model
 from engine_jax.paged_attention.kernel import paged_attention_kernel
 from engine_jax.paged_attention.reference import paged_attention_reference
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5 if on_cpu else 50)
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
+    print(f"CPU: {cpu_model()}")
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), kernel interpret={on_cpu}, {opts.dtype}")
 
     ratios = []

@@ -32,6 +32,9 @@ if str(REPO) not in sys.path:
 from engine_jax.batch import ForwardRequest, Sample  # noqa: E402
 from engine_jax.engine import Engine  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
+
 
 def attention_for(path: str):
     from engine_jax.paged_attention import reference
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.paths:
         # One engine per path (same weights): each path is a different static attention function.
         engines[path] = Engine(model, page_size=args.page_size, attention=attention_for(path))
+    print(f"CPU: {cpu_model()}")
     print(f"model {model.name}, page size {args.page_size}, paths {args.paths}, {args.repeats} timed runs")
     results: dict[tuple[str, str], float] = {}
     for case in args.cases:

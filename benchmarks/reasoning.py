@@ -39,7 +39,7 @@ import argparse
 import time
 
 from common import (
-    INFERLETS, CompileSpans, Server, build_inferlet, interleave, load_engine, median, model_arg, release_components,
+    INFERLETS, CompileSpans, Server, build_inferlet, cpu_model, interleave, load_engine, median, model_arg, release_components,
 )
 
 WAYS = ("fork", "reprefill")
@@ -60,6 +60,7 @@ def main() -> None:
     component = build_inferlet(INFERLETS / "tree_of_thought.py")
     server = Server(engine)
     nodes = sum(args.branching ** level for level in range(1, args.depth + 1))
+    print(f"CPU: {cpu_model()}")
     print(f"model {engine.name}: {args.trees} concurrent trees, depth {args.depth}, branching {args.branching} "
           f"({nodes} thoughts of {args.thought_tokens} tokens per tree), {args.repeats} interleaved rounds", flush=True)
 

@@ -2,7 +2,7 @@
 
 ``Engine.step`` validates each ``ForwardRequest``, flattens the batch into
 bucketed arrays (powers of two for tokens, requests, pages per request and
-output rows; for decode batches past 8 pages, also the points halfway
+output rows; for decode batches past 8 pages, also the quarter steps
 between powers of two), so a few compilations serve every mix, runs one
 jitted step with the KV pool donated, and turns the device outputs back into
 per-request results. See ``engine_jax.batch`` for slot/page/position semantics.
@@ -86,19 +86,21 @@ def _bucket(n: int, minimum: int = 1) -> int:
 
 
 def _bucket_pages(n: int, decode: bool = True) -> int:
-    """Page-table width: powers of two; for a decode batch past 8 pages also 1.5x powers of two (12, 24, ...).
+    """Page-table width: powers of two; for a decode batch past 8 pages also the quarter steps
+    between them (10, 12, 14, 16, 20, 24, 28, 32, ...).
 
     Decode attention (the per-token path) gathers and scores every slot of
     the bucket, so a power of two would waste up to half the work (9 used
-    pages attended as 16); the half steps cap the waste at a third for a few
-    more compiled shapes. Batches that bring several tokens per request
-    (prefill) take the by-request path, which walks K/V in whole blocks of
-    256 slots and stops at each request's end: a finer width would only add
-    shapes to compile there.
+    pages attended as 16); quarter steps cap the waste below a fifth for a
+    few more compiled shapes (at 16 sequences of 9-10 pages: 4.7% of the
+    whole step against half steps, benchmarks/RESULTS.md, issue 17). Batches
+    that bring several tokens per request (prefill) take the by-request path,
+    which walks K/V in whole blocks of 256 slots and stops at each request's
+    end: a finer width would only add shapes to compile there.
     """
     p = _bucket(n)
-    if decode and p > 8 and 4 * n <= 3 * p:
-        return 3 * p // 4
+    if decode and p > 8:
+        return next(w for w in (5 * p // 8, 3 * p // 4, 7 * p // 8, p) if w >= n)
     return p
 
 
