@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> Any:
                         "Trade-off: a quarter of float32's weight memory, half of bfloat16's, for a small "
                         "accuracy loss (SmolLM2-135M: float32's greedy token at ~98%% of positions); on GPU/TPU "
                         "the dequantisation fuses into the matmul, but on a CPU decoding is slower than "
-                        "float32 (about 2x): there it only saves memory (default float)")
+                        "float32 (1.0-1.3x the time per step measured): there it only saves memory (default float)")
     g.add_argument("--page-size", type=positive_int, default=16, metavar="N", help="KV slots per page (default 16)")
     g.add_argument("--kv-pages", type=positive_int, default=None, metavar="N",
                    help="KV pages in the pool of each replica (default: as many as the KV memory budget holds)")
