@@ -63,7 +63,7 @@ def _scheduling(m):
 
 def _greedy(index):
     return inference.OutputRequest_Sample(inference.SampleSpec(
-        index=index, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=None))
+        index=index, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=None, logprobs=None))
 
 
 def _options(feed_previous=False, draws=()):
@@ -202,7 +202,7 @@ def mode_errors(args):
         "forward_mask_rows": _code(lambda: fwd(mask=[[0, 2]])),
         "forward_mask_sum": _code(lambda: fwd(mask=[[0, 1], [0, 3]])),
         "sample_allowed_sum": _code(lambda: fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
-            index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=[0, 3]))])),
+            index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, allowed=[0, 3], logprobs=None))])),
         "output_index": _code(lambda: fwd(outputs=[_greedy(7)])),
         "forward_feed_previous_first": _code(lambda: q.forward(inference.ForwardRequest(
             tokens=[0], positions=[0], pages=[pages[1]], last_page_len=1, mask=None, outputs=[_greedy(0)]),
@@ -230,7 +230,7 @@ def mode_errors(args):
     allowed_only = int(args[0]) if args else 3
     restricted = fwd(outputs=[inference.OutputRequest_Sample(inference.SampleSpec(
         index=1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
-        allowed=[allowed_only, 1, info.vocab_size - allowed_only - 1]))])
+        allowed=[allowed_only, 1, info.vocab_size - allowed_only - 1], logprobs=None))])
     codes["allowed_token"] = restricted[0].value
     q.free_pages(pages)
     q.synchronize().get()
