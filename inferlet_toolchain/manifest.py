@@ -247,15 +247,21 @@ def _sections(data: bytes) -> list[tuple[int, int, int, Optional[str], int]]:
     return out
 
 
-def embed(component: bytes, manifest: Manifest) -> bytes:
-    """`component` with its manifest section replaced by `manifest`'s."""
+def without_manifest(component: bytes) -> bytes:
+    """`component` without its manifest sections (ManifestError if it is not a component)."""
     kept = bytearray(component[:8])
     for _, start, end, name, _ in _sections(component):
         if name != SECTION_NAME:
             kept += component[start:end]
+    return bytes(kept)
+
+
+def embed(component: bytes, manifest: Manifest) -> bytes:
+    """`component` with its manifest section replaced by `manifest`'s."""
+    kept = without_manifest(component)
     name_bytes = SECTION_NAME.encode("utf-8")
     body = _leb128(len(name_bytes)) + name_bytes + manifest.to_json().encode("utf-8")
-    return bytes(kept) + b"\x00" + _leb128(len(body)) + body
+    return kept + b"\x00" + _leb128(len(body)) + body
 
 
 def read_manifest_bytes(component: bytes) -> Manifest:

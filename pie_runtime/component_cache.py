@@ -39,9 +39,6 @@ _ENGINE_SETTINGS = "epoch_interruption=1"
 
 DEFAULT_MAX_BYTES = 2 << 30
 DEFAULT_MAX_IN_MEMORY = 32
-# The custom section pie-build embeds the manifest in (inferlet_toolchain.manifest).
-MANIFEST_SECTION = b"pie-manifest"
-_COMPONENT_PREAMBLE = b"\x00asm\x0d\x00\x01\x00"
 
 _engine_lock = threading.Lock()
 _engine: wasmtime.Engine | None = None
@@ -68,40 +65,16 @@ def pie_home() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pie"
 
 
-def _uleb(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(data) and shift <= 35:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("malformed section header")
-
-
 def code_bytes(wasm: bytes) -> bytes:
     """`wasm` without its top-level `pie-manifest` sections: what compiles.
     Anything that does not parse as a component is returned unchanged
     (wasmtime then reports what is wrong with it)."""
-    if not wasm.startswith(_COMPONENT_PREAMBLE):
-        return wasm
-    out, pos, copied_to = bytearray(), len(_COMPONENT_PREAMBLE), 0
+    from inferlet_toolchain.manifest import ManifestError, without_manifest
+
     try:
-        while pos < len(wasm):
-            size, payload = _uleb(wasm, pos + 1)
-            end = payload + size
-            if wasm[pos] == 0:  # a custom section: its name first
-                name_len, name_at = _uleb(wasm, payload)
-                if wasm[name_at:name_at + name_len] == MANIFEST_SECTION:
-                    out += wasm[copied_to:pos]
-                    copied_to = end
-            pos = end
-    except ValueError:
+        return without_manifest(wasm)
+    except ManifestError:
         return wasm
-    if pos != len(wasm):
-        return wasm
-    return bytes(out + wasm[copied_to:]) if copied_to else wasm
 
 
 def cache_key(wasm: bytes) -> str:
